@@ -1,0 +1,192 @@
+"""The flow network: an SD2.1-style UNet plus FlowIE's latent-hint ControlNet.
+
+Both are assembled from diffusers' blocks (UNet2DConditionModel, its down/mid blocks), so
+speed-ups that land in diffusers (SDPA, fused kernels) reach us too. FlowIE's ControlNet
+differs from diffusers' ControlNetModel: it has no pixel-space hint embedding; its first
+conv takes concat(x_t, c_latent) (8 channels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2DCrossAttn, get_down_block
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The official ``unet_config``/``control_stage_config`` params (SD2.1-base sizes by default)."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    hint_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)
+    num_head_channels: int = 64
+    num_heads: int = -1
+    transformer_depth: int = 1
+    context_dim: int = 1024
+    use_linear_in_transformer: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> UNetConfig:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        for key in ("channel_mult", "attention_resolutions"):
+            if key in known:
+                known[key] = tuple(known[key])
+        return cls(**known)
+
+    @property
+    def block_out_channels(self) -> tuple[int, ...]:
+        return tuple(self.model_channels * m for m in self.channel_mult)
+
+    @property
+    def has_attention(self) -> tuple[bool, ...]:
+        # Level i works at downsampling factor 2**i; attention where that factor is listed.
+        return tuple(2**i in self.attention_resolutions for i in range(len(self.channel_mult)))
+
+    @property
+    def heads(self) -> tuple[int, ...]:
+        if self.num_head_channels > 0:
+            return tuple(c // self.num_head_channels for c in self.block_out_channels)
+        return (self.num_heads,) * len(self.channel_mult)
+
+    @property
+    def num_controls(self) -> int:
+        """Residuals the ControlNet emits: input conv + (res blocks + downsampler) per level + middle."""
+        levels = len(self.channel_mult)
+        return 1 + levels * self.num_res_blocks + (levels - 1) + 1
+
+
+def build_unet(cfg: UNetConfig) -> UNet2DConditionModel:
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.has_attention)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.has_attention))
+    return UNet2DConditionModel(
+        sample_size=64,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=cfg.block_out_channels,
+        layers_per_block=cfg.num_res_blocks,
+        # diffusers' historical naming: for SD2 this argument holds the number of heads per level.
+        attention_head_dim=cfg.heads,
+        cross_attention_dim=cfg.context_dim,
+        transformer_layers_per_block=cfg.transformer_depth,
+        use_linear_projection=cfg.use_linear_in_transformer,
+        norm_num_groups=32,
+        norm_eps=1e-5,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+    )
+
+
+class FlowControlNet(nn.Module):
+    """(x_t, hint, t, context) -> the residuals added to the UNet skips and middle.
+
+    Parameter names mirror diffusers' ControlNetModel (conv_in, down_blocks,
+    controlnet_down_blocks, mid_block, controlnet_mid_block).
+    """
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        c0 = cfg.model_channels
+        temb = 4 * c0
+        self.cfg = cfg
+        self.conv_in = nn.Conv2d(cfg.in_channels + cfg.hint_channels, c0, 3, padding=1)
+        self.time_proj = Timesteps(c0, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(c0, temb)
+        self.down_blocks = nn.ModuleList()
+        self.controlnet_down_blocks = nn.ModuleList([nn.Conv2d(c0, c0, 1)])
+        channels = cfg.block_out_channels
+        prev = c0
+        for i, out_ch in enumerate(channels):
+            last = i == len(channels) - 1
+            self.down_blocks.append(
+                get_down_block(
+                    "CrossAttnDownBlock2D" if cfg.has_attention[i] else "DownBlock2D",
+                    num_layers=cfg.num_res_blocks,
+                    transformer_layers_per_block=cfg.transformer_depth,
+                    in_channels=prev,
+                    out_channels=out_ch,
+                    temb_channels=temb,
+                    add_downsample=not last,
+                    resnet_eps=1e-5,
+                    resnet_act_fn="silu",
+                    resnet_groups=32,
+                    cross_attention_dim=cfg.context_dim,
+                    num_attention_heads=cfg.heads[i],
+                    attention_head_dim=out_ch // cfg.heads[i],
+                    downsample_padding=1,
+                    use_linear_projection=cfg.use_linear_in_transformer,
+                )
+            )
+            for _ in range(cfg.num_res_blocks + (0 if last else 1)):
+                self.controlnet_down_blocks.append(nn.Conv2d(out_ch, out_ch, 1))
+            prev = out_ch
+        self.mid_block = UNetMidBlock2DCrossAttn(
+            in_channels=channels[-1],
+            temb_channels=temb,
+            transformer_layers_per_block=cfg.transformer_depth,
+            resnet_eps=1e-5,
+            resnet_act_fn="silu",
+            resnet_groups=32,
+            cross_attention_dim=cfg.context_dim,
+            num_attention_heads=cfg.heads[-1],
+            use_linear_projection=cfg.use_linear_in_transformer,
+        )
+        self.controlnet_mid_block = nn.Conv2d(channels[-1], channels[-1], 1)
+
+    def forward(self, x_t, hint, t, context) -> list[torch.Tensor]:
+        emb = self.time_embedding(self.time_proj(t).to(x_t.dtype))
+        h = self.conv_in(torch.cat([x_t, hint], dim=1))
+        skips: list[torch.Tensor] = [h]
+        for block in self.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                h, res = block(hidden_states=h, temb=emb, encoder_hidden_states=context)
+            else:
+                h, res = block(hidden_states=h, temb=emb)
+            skips.extend(res)
+        h = self.mid_block(h, emb, encoder_hidden_states=context)
+        outs = [conv(s) for conv, s in zip(self.controlnet_down_blocks, skips)]
+        outs.append(self.controlnet_mid_block(h))
+        return outs
+
+
+class FlowUNet(nn.Module):
+    """x_t [B,4,h,w], t [B] (0..999, 999 = noise), c_latent [B,4,h,w], context [B,T,C] -> v [B,4,h,w]."""
+
+    def __init__(self, cfg: UNetConfig, control_scales: list[float] | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.unet = build_unet(cfg)
+        self.controlnet = FlowControlNet(cfg)
+        scales = control_scales if control_scales is not None else [1.0] * cfg.num_controls
+        if len(scales) != cfg.num_controls:
+            raise ValueError(f"control_scales needs {cfg.num_controls} values, got {len(scales)}")
+        # Kept as a Python tuple so the all-ones case costs nothing and exports cleanly.
+        self.control_scales = tuple(float(s) for s in scales)
+
+    def controls(self, x_t, t, c_latent, context) -> list[torch.Tensor]:
+        outs = self.controlnet(x_t, c_latent, t, context)
+        return [o if s == 1.0 else o * s for o, s in zip(outs, self.control_scales)]
+
+    def forward(self, x_t, t, c_latent, context) -> torch.Tensor:
+        ctrl = self.controls(x_t, t, c_latent, context)
+        return self.unet(
+            x_t,
+            t,
+            encoder_hidden_states=context,
+            down_block_additional_residuals=tuple(ctrl[:-1]),
+            mid_block_additional_residual=ctrl[-1],
+            return_dict=False,
+        )[0]

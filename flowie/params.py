@@ -1,0 +1,56 @@
+"""Request parameters of one enhancement (torch-free: the HTTP process validates with these)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+Sampler = Literal["mean_value", "euler", "one_step", "restore_only"]
+ColorFix = Literal["wavelet", "adain", "none"]
+TileMode = Literal["auto", "on", "off"]
+
+SAMPLERS: tuple[str, ...] = ("mean_value", "euler", "one_step", "restore_only")
+COLOR_FIXES: tuple[str, ...] = ("wavelet", "adain", "none")
+TILE_MODES: tuple[str, ...] = ("auto", "on", "off")
+
+MAX_STEPS = 50
+MAX_UPSCALE = 8.0
+
+
+class ParamError(ValueError):
+    """A request parameter is out of range; the message says which and what is allowed."""
+
+
+@dataclass(frozen=True)
+class EnhanceParams:
+    """What to do with one image. ``None`` fields take the model's defaults (model.json)."""
+
+    sampler: str | None = None
+    steps: int | None = None
+    color_fix: str | None = None
+    upscale: float | None = None
+    min_side: int | None = None
+    tile: str | None = None
+    seed: int | None = None
+
+    def validate(self) -> EnhanceParams:
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise ParamError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.color_fix is not None and self.color_fix not in COLOR_FIXES:
+            raise ParamError(f"color_fix must be one of {', '.join(COLOR_FIXES)}, got {self.color_fix!r}")
+        if self.tile is not None and self.tile not in TILE_MODES:
+            raise ParamError(f"tile must be one of {', '.join(TILE_MODES)}, got {self.tile!r}")
+        if self.steps is not None and not (1 <= int(self.steps) <= MAX_STEPS):
+            raise ParamError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
+        if self.upscale is not None and not (1.0 <= float(self.upscale) <= MAX_UPSCALE):
+            raise ParamError(f"upscale must be between 1 and {MAX_UPSCALE:g}, got {self.upscale}")
+        if self.min_side is not None and not (0 <= int(self.min_side) <= 4096):
+            raise ParamError(f"min_side must be between 0 and 4096, got {self.min_side}")
+        if self.seed is not None and not (0 <= int(self.seed) < 2**63):
+            raise ParamError(f"seed must be between 0 and 2**63-1, got {self.seed}")
+        return self
+
+    def with_defaults(self, defaults: dict) -> EnhanceParams:
+        """Fill every ``None`` field from a model's ``defaults`` block."""
+        filled = {k: (v if v is not None else defaults.get(k)) for k, v in asdict(self).items()}
+        return EnhanceParams(**filled)

@@ -1,0 +1,48 @@
+"""The `flowie` command: the composition root that wires model, engines and queue.
+
+Each sub-command lives in its own module with ``add_arguments(parser)`` and ``run(args) -> int``.
+Modules are imported only when their command runs, so `flowie api` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# name -> (module, one-line help). Order is the order shown by `flowie --help`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("service.commands.convert", "official FlowIE checkpoint + config -> model directory"),
+    "enhance": ("service.commands.enhance", "restore image files from the command line"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flowie",
+        description="FlowIE Serve: few-step rectified-flow image restoration (CVPR 2024).",
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser.set_defaults(_module=module_name)
+        # Argument definitions are light; the module imports heavy things only inside run().
+        importlib.import_module(module_name).add_arguments(sub_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    module = importlib.import_module(args._module)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

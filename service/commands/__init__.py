@@ -1,0 +1,1 @@
+"""One module per `flowie` sub-command: add_arguments(parser) and run(args)."""

@@ -1,0 +1,228 @@
+"""One typed settings object for the service: every field is a `FLOWIE_*` variable and a flag.
+
+``FLOWIE_MAX_QUEUE=32`` and ``--max-queue 32`` set the same field; a flag wins over the
+environment. Start-up refuses settings that are unsafe in production (see ``_refuse_unsafe``)
+with a message that says what to set.
+
+Light module: pydantic only (the `flowie` parser imports it to build the flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "FLOWIE_"
+MIN_PRODUCTION_KEY_CHARS = 16
+
+
+class SettingsError(ValueError):
+    """Settings are invalid or unsafe; the message says which variable to set and how."""
+
+
+def _split_commas(value: Any) -> Any:
+    """`a,b , c` -> ["a", "b", "c"]; lists pass through (flags give lists, env vars give strings)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """FlowIE Serve settings. Field name `max_queue` = env `FLOWIE_MAX_QUEUE` = flag `--max-queue`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+
+    # --- deployment -------------------------------------------------------------------
+    env: Literal["development", "production"] = Field(
+        "development",
+        description="development or production; production refuses unsafe settings at start-up",
+    )
+    host: str = Field("127.0.0.1", description="address the HTTP server binds")
+    port: int = Field(8000, ge=0, le=65535, description="port the HTTP server binds")
+    model_dirs: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="model directories to serve, one per task (comma-separated; flag --model is "
+        "repeatable); none = the bundled demo model in models/demo",
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis joining `flowie api` and `flowie worker` (unused by `flowie serve`); "
+        "enable AOF persistence there so a restarted Redis keeps accepted jobs",
+    )
+    redis_max_connections: int = Field(
+        32, ge=2, le=10_000,
+        description="connections one process opens to Redis at most (waiting requests share one listener)",
+    )
+    key_prefix: str = Field("flowie", description="prefix of every Redis key (run several services on one Redis)")
+
+    # --- security -------------------------------------------------------------------
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="accepted API keys, comma-separated; when set, requests need "
+        "`Authorization: Bearer KEY` or `X-API-Key: KEY` (health, readiness and metrics stay open)",
+    )
+    allow_unauthenticated: bool = Field(
+        False,
+        description="allow FLOWIE_ENV=production without FLOWIE_API_KEYS (a gateway in front authenticates)",
+    )
+    docs: bool = Field(True, description="serve /docs and /openapi.json")
+
+    # --- request limits -------------------------------------------------------------
+    max_upload_bytes: int = Field(
+        20 * 1024 * 1024, ge=1024,
+        description="largest request body in bytes (counted while streaming; base64 JSON gets 4/3 of it)",
+    )
+    max_pixels: int = Field(
+        4096 * 4096, ge=1,
+        description="most pixels of the input, of the output and of the padded work size of one image",
+    )
+    max_queue: int = Field(
+        64, ge=1, description="jobs queued + in progress per task before new ones get 429"
+    )
+    sync_timeout_s: float = Field(
+        60.0, gt=0,
+        description="seconds POST /enhance waits for its result before answering 202 + Location",
+    )
+    job_deadline_s: float = Field(
+        300.0, gt=0,
+        description="seconds from admission after which a job is dropped (504); X-Deadline-S may shorten it",
+    )
+    result_ttl_s: int = Field(3600, ge=1, description="seconds results of finished jobs are kept")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="seconds a SIGTERM-ed API waits for requests in flight to finish"
+    )
+
+    # --- worker ---------------------------------------------------------------------
+    device: str = Field("cpu", description="torch device of the worker: cpu or cuda:N (one worker per GPU)")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="compute precision")
+    backend: Literal["torch", "onnx", "tensorrt"] = Field("torch", description="inference back end")
+    max_batch: int = Field(4, ge=1, le=64, description="most images the worker runs in one batch")
+    max_wait_ms: float = Field(
+        10.0, ge=0, description="ms the worker waits for more jobs of the same shape before running a batch"
+    )
+    visibility_timeout_s: float = Field(
+        60.0, gt=0,
+        description="seconds without a heartbeat after which another worker reclaims a job",
+    )
+    heartbeat_s: float = Field(
+        5.0, gt=0, description="seconds between worker heartbeats (liveness expires after 3 missed)"
+    )
+    max_deliveries: int = Field(
+        3, ge=1, description="deliveries of one job before it is dead-lettered and its client told"
+    )
+    worker_metrics_port: int = Field(
+        9101, ge=0, le=65535, description="port of the worker's own /metrics (0 = none)"
+    )
+    worker_id: str = Field("", description="consumer name of this worker (empty = host-pid-random)")
+
+    # --- logs -----------------------------------------------------------------------
+    log_json: bool = Field(True, description="structured JSON logs (false = plain text)")
+
+    @field_validator("model_dirs", "api_keys", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        if self.env != "production":
+            return self
+        if not self.api_keys and not self.allow_unauthenticated:
+            raise ValueError(
+                "FLOWIE_ENV=production needs API keys: set FLOWIE_API_KEYS=key1,key2 (at least "
+                f"{MIN_PRODUCTION_KEY_CHARS} characters each), or FLOWIE_ALLOW_UNAUTHENTICATED=true "
+                "if a gateway in front of the service authenticates"
+            )
+        short = [k for k in self.api_keys if len(k.get_secret_value()) < MIN_PRODUCTION_KEY_CHARS]
+        if short:
+            raise ValueError(
+                f"FLOWIE_ENV=production: {len(short)} of FLOWIE_API_KEYS is shorter than "
+                f"{MIN_PRODUCTION_KEY_CHARS} characters; use long random keys (e.g. `openssl rand -hex 24`)"
+            )
+        return self
+
+    def api_key_values(self) -> list[str]:
+        return [k.get_secret_value() for k in self.api_keys]
+
+
+# Fields that are lists take one flag per value as well as commas; `model_dirs` is `--model`.
+_FLAG_ALIASES = {"model_dirs": ["--model", "--model-dirs"]}
+_LIST_FIELDS = {"model_dirs", "api_keys"}
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, fields: list[str] | None = None) -> None:
+    """One flag per settings field (default: every field); help text = the field description."""
+    group = parser.add_argument_group("settings (each flag also reads FLOWIE_<NAME>)")
+    for name, info in Settings.model_fields.items():
+        if fields is not None and name not in fields:
+            continue
+        flags = _FLAG_ALIASES.get(name, [flag_name(name)])
+        env = ENV_PREFIX + name.upper()
+        kwargs: dict[str, Any] = {"dest": f"setting_{name}", "default": argparse.SUPPRESS,
+                                  "help": f"{info.description} [env {env}]"}
+        if name in _LIST_FIELDS:
+            kwargs["action"] = "append"
+            kwargs["metavar"] = "VALUE"
+        else:
+            kwargs["metavar"] = name.upper()
+        group.add_argument(*flags, **kwargs)
+
+
+def settings_from_args(args: argparse.Namespace, **overrides: Any) -> Settings:
+    """Environment, then flags given on the command line, then ``overrides``; SettingsError if bad."""
+    given: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if key.startswith("setting_"):
+            name = key[len("setting_"):]
+            if name in _LIST_FIELDS:
+                value = [part for item in value for part in _split_commas(item)]
+            given[name] = value
+    given.update(overrides)
+    return load_settings(**given)
+
+
+def load_settings(**values: Any) -> Settings:
+    """Build Settings; turn pydantic's error into one SettingsError naming the variables."""
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            loc = ".".join(str(p) for p in error["loc"])
+            where = f"{ENV_PREFIX}{loc.upper()} / {flag_name(loc)}: " if loc else ""
+            msg = str(error["msg"]).removeprefix("Value error, ")
+            lines.append(f"{where}{msg}")
+        raise SettingsError("; ".join(lines)) from None
+
+
+def describe_settings() -> list[tuple[str, str, str]]:
+    """(env var, default, meaning) for every field: the table in the docs is built from this."""
+    rows = []
+    for name, info in Settings.model_fields.items():
+        default = info.default_factory() if info.default_factory else info.default
+        rows.append((ENV_PREFIX + name.upper(), repr(default), info.description or ""))
+    return rows
+
+
+def default_model_dirs(settings: Settings) -> list[Path]:
+    """The configured model directories, or the bundled demo model; SettingsError if none exists."""
+    if settings.model_dirs:
+        return list(settings.model_dirs)
+    from flowie.modeldir import DEMO_MODEL_DIR
+
+    if not (DEMO_MODEL_DIR / "model.json").is_file():
+        raise SettingsError(
+            f"no model to serve: the bundled demo model ({DEMO_MODEL_DIR}) is not there; pass "
+            "--model DIR (or FLOWIE_MODEL_DIRS) with a model directory made by `flowie convert`."
+        )
+    return [DEMO_MODEL_DIR]
