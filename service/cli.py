@@ -15,6 +15,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("service.commands.convert", "official FlowIE checkpoint + config -> model directory"),
     "enhance": ("service.commands.enhance", "restore image files from the command line"),
+    "serve": ("service.commands.serve", "HTTP API + in-process worker + in-memory queue (no Redis needed)"),
+    "api": ("service.commands.api", "HTTP API only, joined to `flowie worker` processes by Redis"),
+    "worker": ("service.commands.worker", "GPU/CPU worker: takes jobs from Redis, batches, runs the model"),
 }
 
 
