@@ -7,6 +7,7 @@ tensor, so torch modules, ONNX Runtime sessions and TensorRT engines all plug in
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +25,8 @@ from flowie.params import EnhanceParams
 StageFn = Callable[..., torch.Tensor]
 STAGE_ORDER = ("swinir", "cond_encoder", "flow_unet", "vae_decoder")
 PIXEL_TILE, PIXEL_STRIDE = 512, 448  # official tiled inference: 512 px tiles, stride 448
+# Smallest padded side we run: at 64 px the UNet bottom is 1x1, where GroupNorm degenerates.
+MIN_PADDED_SIDE = 128
 
 
 @dataclass
@@ -94,9 +97,15 @@ class Pipeline:
     def resolve(self, params: EnhanceParams) -> EnhanceParams:
         return params.with_defaults(self.info.defaults).validate()
 
-    def padded_shape(self, h: int, w: int, params: EnhanceParams) -> tuple[int, int]:
+    def plan(self, h: int, w: int, params: EnhanceParams) -> imageops.ResizePlan:
+        """Resize plan of an h x w image; tiny images get extra zero padding (cropped afterwards)."""
         p = self.resolve(params)
-        return imageops.plan_resize(h, w, float(p.upscale), int(p.min_side)).padded_hw
+        plan = imageops.plan_resize(h, w, float(p.upscale), int(p.min_side))
+        padded = (max(plan.padded_hw[0], MIN_PADDED_SIDE), max(plan.padded_hw[1], MIN_PADDED_SIDE))
+        return dataclasses.replace(plan, padded_hw=padded)
+
+    def padded_shape(self, h: int, w: int, params: EnhanceParams) -> tuple[int, int]:
+        return self.plan(h, w, params).padded_hw
 
     def enhance(self, images: Sequence[np.ndarray], params: EnhanceParams, seeds: Sequence[int] | None = None,
                 noise: torch.Tensor | None = None, on_step: Callable[[int, int], None] | None = None
@@ -112,7 +121,7 @@ class Pipeline:
             seeds = [p.seed if p.seed is not None else secrets.randbits(63) for _ in images]
         if len(seeds) != len(images):
             raise ValueError(f"{len(images)} images but {len(seeds)} seeds")
-        plans = [imageops.plan_resize(img.shape[0], img.shape[1], float(p.upscale), int(p.min_side)) for img in images]
+        plans = [self.plan(img.shape[0], img.shape[1], p) for img in images]
         results: list[EnhanceResult | None] = [None] * len(images)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, plan in enumerate(plans):

@@ -14,7 +14,12 @@ import sys
 # name -> (module, one-line help). Order is the order shown by `flowie --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("service.commands.convert", "official FlowIE checkpoint + config -> model directory"),
+    "export": ("service.commands.export", "model directory stages -> ONNX, verified against torch"),
+    "build-engines": ("service.commands.build_engines", "ONNX -> TensorRT plans for this GPU"),
+    "bench": ("service.commands.bench", "per-stage and end-to-end timings, back ends compared"),
     "enhance": ("service.commands.enhance", "restore image files from the command line"),
+    "train": ("service.commands.train", "train a small FlowIE model (all stages) on a folder of images, on the CPU"),
+    "eval": ("service.commands.eval", "PSNR/SSIM of a model on held-out images: input, SwinIR, samplers; table + figure"),
     "serve": ("service.commands.serve", "HTTP API + in-process worker + in-memory queue (no Redis needed)"),
     "api": ("service.commands.api", "HTTP API only, joined to `flowie worker` processes by Redis"),
     "worker": ("service.commands.worker", "GPU/CPU worker: takes jobs from Redis, batches, runs the model"),

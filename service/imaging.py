@@ -28,6 +28,10 @@ from PIL import Image, ImageFile, ImageOps
 PILLOW_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 OUTPUT_FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 DEFAULT_QUALITY = {"png": None, "jpeg": 95, "webp": 90}
+# Smallest padded work side the networks accept: the latent (1/8 of the image) is halved three
+# times in the UNet, and its GroupNorms fail on a 1 x 1 map (a 64 px side). Measured with the
+# tiny reference model; full-size models have the same depth.
+MIN_WORK_SIDE = 128
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # Between 1x and 2x the limit Pillow only warns; we refuse those images ourselves (413).
@@ -196,15 +200,19 @@ def encode_image(rgb: np.ndarray, fmt: str, quality: int | None = None) -> bytes
 
 def plan_sizes(height: int, width: int, upscale: float, min_side: int,
                multiple: int = 64) -> tuple[tuple[int, int], tuple[int, int]]:
-    """((out_h, out_w), (work_h, work_w)): requested output size and padded work size in pixels.
+    """((out_h, out_w), (padded_h, padded_w)): requested output size and padded work size, pixels.
 
-    Mirrors the pipeline's pre-processing (upscale, then up so the short side is >= min_side,
-    then pad to a multiple of ``multiple``) closely enough to enforce the pixel limit in the API
-    without torch; the worker groups batches by the pipeline's own padded shape.
+    The same arithmetic as ``flowie.imageops.plan_resize`` (which imports torch, so the API
+    cannot use it): output = ceil(size x upscale); short side enlarged to min_side (integer
+    ceil for the long side); padded to a multiple of ``multiple``. The API enforces the pixel
+    limits with it; the worker batches by the pipeline's own padded shape.
     """
-    out_h = max(1, int(round(height * upscale)))
-    out_w = max(1, int(round(width * upscale)))
-    grow = max(1.0, min_side / min(out_h, out_w)) if min_side else 1.0
-    work_h = int(math.ceil(out_h * grow / multiple) * multiple)
-    work_w = int(math.ceil(out_w * grow / multiple) * multiple)
-    return (out_h, out_w), (work_h, work_w)
+    out_h = math.ceil(round(height * upscale, 6))
+    out_w = math.ceil(round(width * upscale, 6))
+    work_h, work_w = out_h, out_w
+    if min_side > 0 and min(out_h, out_w) < min_side:
+        if out_h <= out_w:
+            work_h, work_w = min_side, -(-out_w * min_side // out_h)
+        else:
+            work_h, work_w = -(-out_h * min_side // out_w), min_side
+    return (out_h, out_w), (-(-work_h // multiple) * multiple, -(-work_w // multiple) * multiple)

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flowie.params import ParamError
+from service.queue.base import QueueFullError, QueueUnavailableError
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 log = logging.getLogger("flowie.service.problems")
@@ -180,7 +181,18 @@ def install_problem_handlers(app: FastAPI) -> None:
                             "internal")
         return _respond(request, body)
 
+    async def on_queue_full(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, QueueFullError)
+        return await on_problem(request, QueueFull(str(exc), retry_after_s=exc.retry_after_s))
+
+    async def on_queue_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, QueueUnavailableError)
+        return await on_problem(request, ServiceUnavailable(f"the job queue is unavailable ({exc})",
+                                                            retry_after_s=exc.retry_after_s))
+
     app.add_exception_handler(Problem, on_problem)
+    app.add_exception_handler(QueueFullError, on_queue_full)
+    app.add_exception_handler(QueueUnavailableError, on_queue_unavailable)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(ValidationError, on_validation)
     app.add_exception_handler(ParamError, on_param_error)

@@ -131,6 +131,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
+        if self.heartbeat_s * 2 > self.visibility_timeout_s:
+            raise ValueError(
+                f"FLOWIE_HEARTBEAT_S ({self.heartbeat_s:g}) must be at most half of FLOWIE_VISIBILITY_TIMEOUT_S "
+                f"({self.visibility_timeout_s:g}), or live workers' jobs get reclaimed while they compute"
+            )
         if self.env != "production":
             return self
         if not self.api_keys and not self.allow_unauthenticated:

@@ -1,0 +1,157 @@
+"""Engines: one interface, three back ends (torch, onnxruntime, TensorRT) behind flowie.Pipeline.
+
+    from engines import build_pipeline
+    pipe = build_pipeline("models/demo", backend="onnx", device="cpu")
+
+Importing this package is cheap (no torch); the back ends load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engines.errors import EngineError, ShapeError, StaleArtifactError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from flowie.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+BACKENDS: tuple[str, ...] = ("torch", "onnx", "tensorrt")
+_ALIASES = {"torch": "torch", "pytorch": "torch", "eager": "torch", "onnx": "onnx", "onnxruntime": "onnx",
+            "ort": "onnx", "tensorrt": "tensorrt", "trt": "tensorrt"}
+
+# Per back end: the options build_pipeline accepts (passed to every stage's engine).
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "torch": ("compile", "cuda_graphs"),
+    "onnx": ("providers", "intra_op_threads", "inter_op_threads", "trt_ep_fp16", "trt_ep_cache"),
+    "tensorrt": ("plan_dir",),
+}
+
+_LAZY = {
+    "Engine": "engines.base",
+    "TorchEngine": "engines.torch_engine",
+    "OrtEngine": "engines.ort_engine",
+    "TrtEngine": "engines.trt_engine",
+}
+
+__all__ = ["BACKENDS", "EngineError", "ShapeError", "StaleArtifactError", "build_pipeline", "build_engines",
+           "normalise_backend", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'engines' has no attribute {name!r}")
+
+
+def normalise_backend(backend: str | None) -> str:
+    """'onnxruntime'/'ort' -> 'onnx', 'trt' -> 'tensorrt'; None -> $FLOWIE_BACKEND or 'torch'."""
+    raw = backend if backend else os.environ.get("FLOWIE_BACKEND", "torch")
+    try:
+        return _ALIASES[raw.strip().lower()]
+    except KeyError:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {raw!r}") from None
+
+
+def build_engines(model_dir: str | Path, backend: str | None = "torch", device: str = "cpu",
+                  dtype: str = "float32", stages: tuple[str, ...] | None = None, **options) -> dict:
+    """``{stage: Engine}`` for a model directory; see :func:`build_pipeline` for the options."""
+    import torch
+
+    from flowie.model import parse_dtype
+    from flowie.modeldir import read_model_dir
+    from flowie.pipeline import STAGE_ORDER
+
+    name = normalise_backend(backend)
+    unknown = sorted(set(options) - set(OPTIONS[name]))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for the {name} back end; it takes {list(OPTIONS[name])}")
+    info = read_model_dir(model_dir)
+    dev = torch.device(device)
+    precision = parse_dtype(dtype)
+    wanted = tuple(stages) if stages else STAGE_ORDER
+    if name == "torch":
+        from engines.torch_engine import TorchEngine
+
+        return {s: TorchEngine.from_model(info, s, dev, precision, **options) for s in wanted}
+    if name == "onnx":
+        return {s: _ort_engine(info, s, dev, precision, **options) for s in wanted}
+    from engines.trt_engine import TrtEngine, gpu_identity, import_tensorrt
+
+    trt = import_tensorrt()
+    plan_dir = options.get("plan_dir")
+    if plan_dir is None:
+        from engines.artifacts import find_plan_dir
+
+        gpu, capability = gpu_identity(dev)
+        plan_dir = find_plan_dir(info.path, gpu, capability, trt.__version__)
+    built = _plan_meta(plan_dir).get("precision", "fp32")
+    if precision != torch.float32 and built == "fp32":
+        # Plans carry their precision; float32 is the CLI default and accepts any plan.
+        raise EngineError(f"the plans in {plan_dir} are fp32; rebuild them with `flowie build-engines --fp16`")
+    return {s: TrtEngine.from_model(info, s, dev, plan_dir=Path(plan_dir)) for s in wanted}
+
+
+def build_pipeline(model_dir: str | Path, backend: str | None = "torch", device: str = "cpu",
+                   dtype: str = "float32", **options) -> Pipeline:
+    """A :class:`flowie.pipeline.Pipeline` whose four stages run on ``backend``.
+
+    backend: "torch" | "onnx" | "tensorrt" (None: $FLOWIE_BACKEND, default torch).
+    device: "cpu", "cuda" or "cuda:N". dtype: float32 | float16 | bfloat16 (torch);
+    for onnx it must match the exported files (``flowie export --dtype``); TensorRT plans
+    carry their own precision (``flowie build-engines --fp16``).
+
+    options, per back end:
+      torch:    compile (bool or torch.compile mode), cuda_graphs (bool, CUDA only)
+      onnx:     intra_op_threads, inter_op_threads (0 = onnxruntime's choice), providers
+                (explicit list), trt_ep_fp16 (bool), trt_ep_cache (bool, default True)
+      tensorrt: plan_dir (default: <model>/trt/<gpu>-trt<version>, checked against meta.json)
+    """
+    from flowie.model import load_null_context
+    from flowie.modeldir import read_model_dir
+    from flowie.pipeline import Pipeline
+
+    name = normalise_backend(backend)
+    stages = build_engines(model_dir, name, device, dtype, **options)
+    info = read_model_dir(model_dir)
+    log.info("pipeline %s on %s (%s): %s", info.name, device, name,
+             ", ".join(f"{s}: {e.describe().get('providers', [name])[0]}" for s, e in stages.items()))
+    return Pipeline(info, stages, load_null_context(info), device=device, backend=name)
+
+
+def _plan_meta(plan_dir) -> dict:
+    from engines.artifacts import read_sidecar, trt_meta_path
+
+    return read_sidecar(trt_meta_path(plan_dir)) or {}
+
+
+def _ort_engine(info, stage: str, device, precision, providers=None, intra_op_threads: int = 0,
+                inter_op_threads: int = 0, trt_ep_fp16: bool = False, trt_ep_cache: bool = True):
+    import torch
+
+    from engines.artifacts import check_onnx_current, onnx_path
+    from engines.ort_engine import OrtEngine, trt_provider_options
+    from flowie.stages import STAGES
+
+    sidecar = check_onnx_current(info, stage)
+    exported = sidecar.get("key", {}).get("dtype", "fp32")
+    wanted = {torch.float32: "fp32", torch.float16: "fp16"}.get(precision)
+    if wanted is None:
+        raise EngineError(f"the onnx back end runs fp32 or fp16 exports, not {precision}")
+    if exported != wanted:
+        raise EngineError(f"{onnx_path(info.path, stage)} is {exported}; re-export with "
+                          f"`flowie export --model {info.path} --dtype {wanted}` or ask for "
+                          f"dtype {'float16' if exported == 'fp16' else 'float32'}")
+    trt_options = None
+    if device.type == "cuda":
+        spec = STAGES[stage]
+        context = tuple(info.stages.get("null_context", {}).get("shape", [1, 77, 1024])[-2:])
+        cache = info.path / "trt" / "ort-trt-ep" if trt_ep_cache else None
+        trt_options = trt_provider_options(spec, spec.envelope, context, cache, fp16=trt_ep_fp16)
+    return OrtEngine(onnx_path(info.path, stage), STAGES[stage], device, providers=providers,
+                     intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads, trt_options=trt_options)

@@ -1,0 +1,112 @@
+"""Eager PyTorch engine, with optional ``torch.compile`` and CUDA-graph replay.
+
+fp16/bf16 are for CUDA; on the CPU use float32 (CPU half-precision kernels are slow and
+not what the references were made with). Both speed-ups are off unless asked for:
+
+- ``compile``: ``True`` or a ``torch.compile`` mode ("default", "max-autotune-no-cudagraphs",
+  ...). The first call per new shape compiles (seconds to minutes).
+- ``cuda_graphs``: capture one CUDA graph per distinct input-shape set and replay it; the
+  inputs are copied into static buffers and the output is cloned out. Do not combine it
+  with ``compile="reduce-overhead"``, which captures graphs itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from engines.base import Engine, EngineError
+from flowie.modeldir import ModelInfo
+from flowie.stages import STAGES, StageSpec
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class TorchEngine(Engine):
+    backend = "torch"
+
+    def __init__(self, module: nn.Module, spec: StageSpec, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, compile: bool | str = False, cuda_graphs: bool = False):
+        self.spec = spec
+        self.device = torch.device(device)
+        self.precision = dtype
+        if dtype != torch.float32 and self.device.type != "cuda":
+            raise EngineError(f"{spec.name}: {dtype} on {self.device} is not supported by the torch engine; "
+                              "use float32 on the CPU (fp16/bf16 are for CUDA)")
+        mode = _compile_mode(compile)
+        if cuda_graphs and self.device.type != "cuda":
+            raise EngineError("cuda_graphs=True needs a CUDA device")
+        if cuda_graphs and mode == "reduce-overhead":
+            raise EngineError("compile='reduce-overhead' already captures CUDA graphs; drop cuda_graphs=True")
+        self.module = module.to(self.device, dtype).eval().requires_grad_(False)
+        self.compile_mode = mode
+        self._forward = torch.compile(self.module, mode=mode, dynamic=None) if mode else self.module
+        self._graphs: _GraphCache | None = _GraphCache(self._forward, self.device) if cuda_graphs else None
+
+    @classmethod
+    def from_model(cls, info: ModelInfo, stage: str, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32, **options) -> TorchEngine:
+        """Load ``stage`` of a model directory's safetensors weights."""
+        from flowie.model import load_stage
+
+        module = load_stage(info, stage, "cpu", torch.float32)
+        return cls(module, STAGES[stage], device=device, dtype=dtype, **options)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "compile": self.compile_mode, "cuda_graphs": self._graphs is not None}
+
+    @torch.inference_mode()
+    def run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        inputs = self.prepare_inputs(feed)
+        args = [inputs[name] for name in self.spec.input_names]
+        out = self._graphs(args) if self._graphs is not None else self._forward(*args)
+        return {self.spec.output_names[0]: out}
+
+
+def _compile_mode(option: bool | str) -> str | None:
+    if option is False or option is None or option == "":
+        return None
+    if option is True:
+        return "default"
+    if option not in COMPILE_MODES:
+        raise EngineError(f"compile must be a bool or one of {', '.join(COMPILE_MODES)}, got {option!r}")
+    return str(option)
+
+
+class _GraphCache:
+    """One captured CUDA graph per input-shape set, sharing one memory pool."""
+
+    WARMUP_RUNS = 2
+
+    def __init__(self, forward, device: torch.device):
+        self.forward = forward
+        self.device = device
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
+
+    def __call__(self, args: list[torch.Tensor]) -> torch.Tensor:
+        key = tuple((tuple(a.shape), a.dtype) for a in args)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(args)
+        graph, static_in, static_out = self.graphs[key]
+        for buffer, value in zip(static_in, args, strict=True):
+            buffer.copy_(value)
+        graph.replay()
+        # The next replay overwrites static_out; callers keep results across steps.
+        return static_out.clone()
+
+    def _capture(self, args: list[torch.Tensor]):
+        static_in = [a.clone() for a in args]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            # Warm-up outside the graph: lazy initialisation (cuBLAS handles, autotuning) must not be captured.
+            for _ in range(self.WARMUP_RUNS):
+                self.forward(*static_in)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            static_out = self.forward(*static_in)
+        return graph, static_in, static_out

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: install FlowIE Serve (CPU torch) if needed, then run the
+# service on the embedded defaults: in-memory queue, bundled demo model (models/demo), CPU.
+# Extra arguments go to `flowie serve` (e.g. --port 8080, --model DIR).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! python3 -c "import torch" 2>/dev/null; then
+  # A CPU build; on a GPU host install the CUDA build of your choice first instead.
+  python3 -m pip install -q torch==2.13.0
+fi
+if ! python3 -c "import flowie, fastapi, diffusers" 2>/dev/null || ! command -v flowie >/dev/null; then
+  python3 -m pip install -q -e .
+fi
+exec flowie serve "$@"

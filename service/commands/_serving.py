@@ -1,0 +1,58 @@
+"""Shared by `flowie serve`, `flowie api` and `flowie worker`: settings, logging, HTTP server.
+
+Light at import (argparse only); everything heavy is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from service.settings import add_settings_arguments
+
+    add_settings_arguments(parser)
+
+
+def load(args: argparse.Namespace, command: str) -> tuple[Any, Any] | None:
+    """(settings, models by task) or None after writing one line to stderr saying what to do."""
+    from flowie.modeldir import ModelDirError
+    from service.app import load_models
+    from service.logs import configure_logging
+    from service.settings import SettingsError, settings_from_args
+
+    try:
+        settings = settings_from_args(args)
+        models = load_models(settings)
+    except (SettingsError, ModelDirError) as exc:
+        sys.stderr.write(f"flowie {command}: {exc}\n")
+        return None
+    configure_logging(getattr(args, "log_level", "INFO"), settings.log_json)
+    return settings, models
+
+
+def redis_queue(settings: Any, tasks: list[str], *, listen: bool) -> Any:
+    from service.queue.redis_streams import RedisJobQueue
+
+    return RedisJobQueue(settings.redis_url, tasks=tasks, prefix=settings.key_prefix, max_queue=settings.max_queue,
+                         result_ttl_s=settings.result_ttl_s, visibility_timeout_s=settings.visibility_timeout_s,
+                         max_deliveries=settings.max_deliveries, max_connections=settings.redis_max_connections,
+                         listen=listen)
+
+
+def serve_http(app: Any, settings: Any) -> int:
+    """Run uvicorn; on SIGTERM/SIGINT stop admitting (503), drain requests in flight, then stop."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.draining = True
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=int(settings.drain_timeout_s) or None, lifespan="on")
+    server = DrainingServer(config)
+    server.run()
+    return 0 if server.started else 1

@@ -1,0 +1,35 @@
+"""`flowie serve`: API + in-process worker + in-memory queue in one process (the embedded default)."""
+
+from __future__ import annotations
+
+import argparse
+
+from service.commands import _serving
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _serving.add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    loaded = _serving.load(args, "serve")
+    if loaded is None:
+        return 2
+    settings, models = loaded
+    from service.app import create_app
+    from service.metrics import Metrics
+    from service.queue.memory import MemoryJobQueue
+    from service.worker import Worker
+
+    model_dirs = [info.path for info in models.values()]
+
+    def load_runner():  # type: ignore[no-untyped-def]
+        from service.runner import PipelineRunner  # torch, in the worker's thread
+
+        return PipelineRunner(model_dirs, device=settings.device, dtype=settings.dtype, backend=settings.backend)
+
+    metrics = Metrics(role="serve")
+    queue = MemoryJobQueue(max_queue=settings.max_queue, result_ttl_s=settings.result_ttl_s)
+    worker = Worker(queue, load_runner, settings, metrics)
+    app = create_app(settings, queue, models, worker=worker, metrics=metrics)
+    return _serving.serve_http(app, settings)

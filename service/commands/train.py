@@ -1,0 +1,122 @@
+"""`flowie train --images FOLDER|skimage --out MODEL_DIR`: train the whole FlowIE stack on the CPU (or a GPU)."""
+
+from __future__ import annotations
+
+import argparse
+
+PHASE_HELP = "swinir, vae, cond_encoder, flow"
+
+
+def _per_phase(text: str | None, cast, what: str) -> dict:
+    """'N' (every phase) or 'phase=N,phase=N' -> {phase: value}; phases not named keep their default."""
+    from flowie.train.trainer import PHASES
+
+    if text is None:
+        return {}
+    text = text.strip()
+    if "=" not in text:
+        return {phase: cast(text) for phase in PHASES}
+    out = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        name = {"cond": "cond_encoder"}.get(name.strip(), name.strip())
+        if name not in PHASES:
+            raise ValueError(f"--{what}: unknown phase {name!r}; phases are {PHASE_HELP}")
+        out[name] = cast(value)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", default="skimage",
+                        help="folder of clean training images, or 'skimage' (scikit-image's colour images, "
+                             "coffee and rocket held out); default skimage")
+    parser.add_argument("--out", required=True, help="model directory to write (safetensors + model.json)")
+    parser.add_argument("--steps", default=None,
+                        help=f"steps per phase: N for every phase or e.g. 'swinir=2000,vae=1500,cond_encoder=300,flow=1500' "
+                             f"(phases: {PHASE_HELP}; 0 skips a phase's training)")
+    parser.add_argument("--batch", default=None, help="batch size: N or per phase, like --steps")
+    parser.add_argument("--crop", default=None, help="crop size in pixels (multiple of 64): N or per phase")
+    parser.add_argument("--lr", default=None, help="peak learning rate: X or per phase")
+    parser.add_argument("--arch", default="demo", choices=["demo", "tiny"], help="network sizes (tiny: for tests)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds weights, crops, degradations and noise (default 0)")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    parser.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT/checkpoints)")
+    parser.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (default 200)")
+    parser.add_argument("--kl-weight", type=float, default=1e-6, help="KL weight of the VAE phase (default 1e-6)")
+    parser.add_argument("--ssim-weight", type=float, default=0.0, help="weight of (1 - SSIM) in the SwinIR loss")
+    parser.add_argument("--lora-rank", type=int, default=0,
+                        help="train LoRA factors of this rank + the ControlNet on a frozen base UNet (needs --init-unet)")
+    parser.add_argument("--init-unet", default=None, help="flow_unet.safetensors whose UNet starts the flow phase")
+    parser.add_argument("--flow-bank", type=int, default=0,
+                        help="precompute SwinIR/VAE latents for this many crops and train the flow on them (faster)")
+    parser.add_argument("--min-side", type=int, default=768,
+                        help="min_side default written into model.json: the service upscales inputs so the short "
+                             "side is >= this before the networks (default 768; 0 disables)")
+    parser.add_argument("--work-scale", default="1,2.5",
+                        help="range LO,HI of that extra upscale to train for: crops are degraded at native scale and "
+                             "shown LO..HI times larger (default 1,2.5; '1,1' = native only)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--workers", type=int, default=1, choices=[1, 2],
+                        help="2: train SwinIR and the VAE at the same time in two processes (threads split between them)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--name", default="flowie-demo", help="model name recorded in model.json")
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+    import time
+
+    from tqdm import tqdm
+
+    from flowie.train.trainer import ARCHS, PHASES, TrainConfig, Trainer, _default_phases
+
+    try:
+        phases = _default_phases()
+        for what, cast in (("steps", int), ("batch", int), ("crop", int), ("lr", float)):
+            for phase, value in _per_phase(getattr(args, what), cast, what).items():
+                setattr(phases[phase], what, value)
+        bad = [f"{p}={c.crop}" for p, c in phases.items() if c.crop % 64 or c.crop <= 0]
+        if bad:
+            raise ValueError(f"--crop must be a positive multiple of 64 (SwinIR windows), got {', '.join(bad)}")
+        swinir, vae, unet = ARCHS[args.arch]
+        lo, _, hi = args.work_scale.partition(",")
+        work_scale = (float(lo), float(hi or lo))
+        cfg = TrainConfig(out=args.out, images=args.images, checkpoint_dir=args.checkpoint_dir, seed=args.seed,
+                          phases=phases, swinir=swinir, vae=vae, unet=unet, kl_weight=args.kl_weight,
+                          ssim_weight=args.ssim_weight, lora_rank=args.lora_rank, init_unet=args.init_unet,
+                          flow_bank=args.flow_bank, checkpoint_every=args.checkpoint_every, threads=args.threads,
+                          workers=args.workers, work_scale=work_scale,
+                          device=args.device, name=args.name, defaults={"min_side": args.min_side})
+    except ValueError as exc:
+        print(f"flowie train: {exc}", file=sys.stderr)
+        return 2
+
+    bars: dict[str, tqdm] = {}
+
+    def progress(phase: str, step: int, total: int, losses: dict) -> None:
+        bar = bars.get(phase)
+        if bar is None:
+            for old in bars.values():
+                old.close()
+            bar = bars[phase] = tqdm(total=total, initial=step - 1, desc=phase, unit="step", file=sys.stderr,
+                                     mininterval=2.0, dynamic_ncols=True)
+        bar.update(step - bar.n)
+        if losses:
+            bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items() if k != "loss" or len(losses) == 1}, refresh=False)
+
+    start = time.perf_counter()
+    try:
+        trainer = Trainer(cfg, progress=progress)
+        trainer.run(resume=args.resume)
+    except (ValueError, RuntimeError) as exc:
+        for bar in bars.values():
+            bar.close()
+        print(f"flowie train: {exc}", file=sys.stderr)
+        return 1
+    for bar in bars.values():
+        bar.close()
+    out = trainer.write_model()
+    done = {p: trainer.history.get(p, {}).get("steps", 0) for p in PHASES}
+    print(f"[train] wrote {out} in {time.perf_counter() - start:.0f} s; steps {done}; "
+          f"scale_factor {trainer.scale_factor:.4f}. Check it with: flowie eval --model {out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,483 @@
+"""The Redis Streams queue that joins `flowie api` processes and `flowie worker` processes.
+
+Keys (``P`` = ``FLOWIE_KEY_PREFIX``)::
+
+    P:jobs:{task}      stream, one per task; consumer group "workers"; entry = meta JSON + image bytes
+    P:dead:{task}      dead-letter stream (meta of jobs that exhausted FLOWIE_MAX_DELIVERIES)
+    P:job:{id}         hash: state, task, entry id, reply_to (TTL: deadline + result TTL)
+    P:result:{id}      hash: meta JSON + encoded image (TTL: FLOWIE_RESULT_TTL_S)
+    P:reply:{api}      list of finished job ids for one API process (its listener BLPOPs it)
+    P:workers          set of worker ids; P:worker:{id} their heartbeat (TTL 3 x heartbeat)
+    P:spj:{task}       recent seconds per job (Retry-After estimates)
+
+Why it is shaped like this:
+
+* Admission is one Lua script (XLEN check + XADD + job hash), so API replicas cannot overshoot
+  ``max_queue`` together. Depth counts waiting and delivered-but-unacknowledged entries, because
+  finished entries are deleted from the stream when acknowledged.
+* Wake-up: each API process owns one reply list and one listener connection doing BLPOP. A worker
+  pushes the job id *after* storing the result, in the same script; a list keeps the push until
+  it is popped, so a wake-up that arrives before the handler waits is not lost, and the number of
+  connections does not grow with the number of waiting requests (they wait on in-process futures).
+* At-least-once: the result is stored and the entry acknowledged in one script (store first;
+  a result that already exists is kept, so a duplicate delivery changes nothing). Workers keep
+  the entries they hold fresh with ``XCLAIM ... JUSTID`` (resets idle time, not the delivery
+  count) and reclaim entries idle past the visibility timeout with XAUTOCLAIM; past
+  ``max_deliveries`` an entry is dead-lettered and its client gets a problem response.
+* A Redis restart is survived when Redis persists (AOF): streams, groups and pending lists come
+  back; clients see QueueUnavailableError (503) meanwhile and every process reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import BusyLoadingError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from service.queue.base import (
+    TERMINAL_STATES,
+    Delivery,
+    Job,
+    JobQueue,
+    JobResult,
+    QueueFullError,
+    QueueUnavailableError,
+    retry_after_estimate,
+)
+
+log = logging.getLogger("flowie.service.queue")
+
+GROUP = "workers"
+REPLY_TTL_MS = 600_000
+DEAD_LETTER_MAXLEN = 10_000
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
+
+_SUBMIT = """
+local depth = redis.call('XLEN', KEYS[1])
+if depth >= tonumber(ARGV[1]) then return {0, depth} end
+local entry = redis.call('XADD', KEYS[1], '*', 'meta', ARGV[2], 'image', ARGV[3])
+redis.call('HSET', KEYS[2], 'state', 'queued', 'task', ARGV[4], 'entry', entry, 'reply_to', ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+return {1, depth + 1}
+"""
+
+# KEYS: result, job, stream, reply list. ARGV: meta, image, ttl_ms, state, job id,
+# notify (1/0), ack (1/0), group, entry id, reply list TTL ms. A result that exists already is kept.
+_STORE = """
+local stored = 0
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'meta', ARGV[1], 'image', ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  redis.call('HSET', KEYS[2], 'state', ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  if ARGV[6] == '1' then
+    redis.call('LPUSH', KEYS[4], ARGV[5])
+    redis.call('PEXPIRE', KEYS[4], ARGV[10])
+  end
+  stored = 1
+end
+if ARGV[7] == '1' then
+  redis.call('XACK', KEYS[3], ARGV[8], ARGV[9])
+  redis.call('XDEL', KEYS[3], ARGV[9])
+end
+return stored
+"""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisJobQueue(JobQueue):
+    """JobQueue over Redis Streams (see the module docstring for the key layout)."""
+
+    def __init__(self, url: str, *, tasks: list[str], prefix: str = "flowie", max_queue: int = 64,
+                 result_ttl_s: float = 3600, visibility_timeout_s: float = 60, max_deliveries: int = 3,
+                 max_connections: int = 32, instance_id: str | None = None, listen: bool = True) -> None:
+        self.url = url
+        self.tasks = list(tasks)
+        self.prefix = prefix
+        self.max_queue = max_queue
+        self.result_ttl_ms = int(result_ttl_s * 1000)
+        self.visibility_timeout_ms = int(visibility_timeout_s * 1000)
+        self.max_deliveries = max_deliveries
+        self.instance_id = instance_id or uuid.uuid4().hex[:12]
+        self.listen = listen  # API processes wait for results; workers do not
+        # A connection broken by a Redis restart is reconnected and the command retried (twice);
+        # the scripts are idempotent enough for that (a result that exists is kept).
+        common = {"socket_connect_timeout": 2.0, "health_check_interval": 10,
+                  "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+                  "retry_on_error": [RedisConnectionError]}
+        # One pool shared by every command of this process, bounded; blocking reads use their own.
+        self._pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max(1, max_connections - 1), timeout=5.0, socket_timeout=10.0, **common)
+        self._redis = aioredis.Redis(connection_pool=self._pool)
+        self._listener_redis = aioredis.Redis.from_url(url, socket_timeout=10.0, **common)
+        self._submit_script = self._redis.register_script(_SUBMIT)
+        self._store_script = self._redis.register_script(_STORE)
+        self._waiters: dict[str, asyncio.Future[bool]] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self._closing = False
+        self._groups_ready: set[str] = set()
+
+    # --- keys -------------------------------------------------------------------------
+    def stream_key(self, task: str) -> str:
+        return f"{self.prefix}:jobs:{task}"
+
+    def dead_key(self, task: str) -> str:
+        return f"{self.prefix}:dead:{task}"
+
+    def job_key(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def result_key(self, job_id: str) -> str:
+        return f"{self.prefix}:result:{job_id}"
+
+    def reply_key(self, instance_id: str) -> str:
+        return f"{self.prefix}:reply:{instance_id}"
+
+    def worker_key(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}"
+
+    @property
+    def workers_key(self) -> str:
+        return f"{self.prefix}:workers"
+
+    def spj_key(self, task: str) -> str:
+        return f"{self.prefix}:spj:{task}"
+
+    # --- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        self._closing = False
+        try:
+            await self._ensure_groups(self.tasks)
+        except QueueUnavailableError as exc:  # the API may start before Redis; readiness says so
+            log.warning("redis not reachable at start-up: %s", exc)
+        if self.listen:
+            self._listener = asyncio.create_task(self._listen(), name="flowie-reply-listener")
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._listener is not None:
+            self._listener.cancel()
+            try:
+                await self._listener
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - closing anyway
+                pass
+        for future in self._waiters.values():
+            if not future.done():
+                future.cancel()
+        await self._listener_redis.aclose()
+        await self._redis.aclose()
+        await self._pool.disconnect()
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except _UNREACHABLE as exc:
+            raise QueueUnavailableError(f"redis unreachable: {type(exc).__name__}") from exc
+
+    async def _ensure_groups(self, tasks: list[str], force: bool = False) -> None:
+        for task in tasks:
+            stream = self.stream_key(task)
+            if stream in self._groups_ready and not force:
+                continue
+            try:
+                # id 0: entries added before the group existed are delivered too.
+                await self._call(self._redis.xgroup_create(stream, GROUP, id="0", mkstream=True))
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+            self._groups_ready.add(stream)
+
+    # --- API side -----------------------------------------------------------------------
+    async def submit(self, job: Job, *, wait: bool) -> int:
+        if wait:
+            job.reply_to = self.instance_id
+            self._waiters[job.id] = asyncio.get_running_loop().create_future()
+        ttl_ms = int(max(1.0, job.deadline - time.time()) * 1000) + self.result_ttl_ms
+        try:
+            admitted, depth = await self._call(self._submit_script(
+                keys=[self.stream_key(job.task), self.job_key(job.id)],
+                args=[self.max_queue, job.meta_json(), job.image, job.task, job.reply_to, ttl_ms]))
+        except BaseException:
+            self._waiters.pop(job.id, None)
+            raise
+        if not admitted:
+            self._waiters.pop(job.id, None)
+            workers = await self._safe(self.live_workers(), 1)
+            spj = await self._safe(self.seconds_per_job(job.task), None)
+            raise QueueFullError(job.task, int(depth), self.max_queue,
+                                 retry_after_estimate(int(depth), spj, workers))
+        return int(depth)
+
+    async def _safe(self, coro: Any, default: Any) -> Any:
+        try:
+            return await coro
+        except QueueUnavailableError:
+            return default
+
+    async def wait(self, job_id: str, timeout_s: float) -> JobResult | None:
+        future = self._waiters.get(job_id)
+        if future is None:  # register first, then look: a result stored in between is not missed
+            future = self._waiters[job_id] = asyncio.get_running_loop().create_future()
+        stored = await self.result(job_id)
+        if stored is not None:
+            self._waiters.pop(job_id, None)
+            return stored
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout=max(0.0, timeout_s))
+        except asyncio.TimeoutError:
+            return None
+        self._waiters.pop(job_id, None)
+        return await self.result(job_id)
+
+    async def forget(self, job_id: str) -> None:
+        future = self._waiters.pop(job_id, None)
+        if future is not None and not future.done():
+            future.cancel()
+
+    def _wake(self, job_id: str) -> None:
+        future = self._waiters.get(job_id)
+        if future is not None and not future.done():
+            future.set_result(True)
+
+    async def _listen(self) -> None:
+        """Pop finished job ids for this process and wake their handlers; survive Redis restarts."""
+        key = self.reply_key(self.instance_id)
+        backoff = 0.1
+        lost_connection = False
+        while not self._closing:
+            try:
+                item = await self._listener_redis.blpop([key], timeout=1)
+                if lost_connection:
+                    # Pushes may have been lost with a non-persistent Redis: look for results.
+                    lost_connection = False
+                    await self._reconcile()
+                    log.info("redis reachable again; reply listener resumed")
+                backoff = 0.1
+                if item:
+                    self._wake(_text(item[1]))
+            except asyncio.CancelledError:
+                raise
+            except _UNREACHABLE as exc:
+                if not lost_connection:
+                    log.warning("redis unreachable (%s); retrying", type(exc).__name__)
+                lost_connection = True
+                await asyncio.sleep(backoff)
+                backoff = min(2.0, backoff * 2)
+            except Exception:  # noqa: BLE001 - the listener must outlive any one bad reply
+                log.exception("reply listener error")
+                await asyncio.sleep(backoff)
+
+    async def _reconcile(self) -> None:
+        pending = [job_id for job_id, f in self._waiters.items() if not f.done()]
+        if not pending:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in pending:
+                pipe.exists(self.result_key(job_id))
+            found = await pipe.execute()
+        for job_id, exists in zip(pending, found, strict=True):
+            if exists:
+                self._wake(job_id)
+
+    async def state(self, job_id: str) -> str | None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self.result_key(job_id), "meta")
+            pipe.hget(self.job_key(job_id), "state")
+            meta, state = await self._call(pipe.execute())
+        if meta is not None:
+            return str(json.loads(meta)["state"])
+        return _text(state) if state is not None else None
+
+    async def result(self, job_id: str) -> JobResult | None:
+        fields = await self._call(self._redis.hgetall(self.result_key(job_id)))
+        if not fields or b"meta" not in fields:
+            return None
+        return JobResult.from_meta(json.loads(fields[b"meta"]), fields.get(b"image", b""))
+
+    async def cancel(self, job_id: str, *, state: str = "cancelled", detail: str = "") -> str | None:
+        current = await self.state(job_id)
+        if current is None:
+            return None
+        if current in TERMINAL_STATES:
+            await self._call(self._redis.delete(self.result_key(job_id)))
+            return current
+        job = await self._call(self._redis.hgetall(self.job_key(job_id)))
+        task = _text(job.get(b"task", b""))
+        reply_to = _text(job.get(b"reply_to", b""))
+        status, title, slug = (504, "Deadline exceeded", "deadline-exceeded") if state == "expired" \
+            else (409, "Job cancelled", "job-cancelled")
+        result = JobResult.failure(job_id, state, status, slug, title, detail or f"the job was {state}")
+        # The entry stays in the stream: the worker that takes it sees the result and skips it.
+        await self._store(result, task=task, reply_to=reply_to, ack=None)
+        return await self.state(job_id)
+
+    async def _store(self, result: JobResult, *, task: str, reply_to: str, ack: str | None) -> bool:
+        stored = await self._call(self._store_script(
+            keys=[self.result_key(result.id), self.job_key(result.id), self.stream_key(task or "_"),
+                  self.reply_key(reply_to or "_")],
+            args=[result.meta_json(), result.image, self.result_ttl_ms, result.state, result.id,
+                  "1" if reply_to else "0", "1" if ack else "0", GROUP, ack or "0-0", REPLY_TTL_MS]))
+        if stored and reply_to == self.instance_id:
+            self._wake(result.id)  # same process (cancel): no round trip needed
+        return bool(stored)
+
+    async def depth(self, task: str) -> int:
+        return int(await self._call(self._redis.xlen(self.stream_key(task))))
+
+    async def ping(self) -> None:
+        await self._call(self._redis.ping())
+
+    async def live_workers(self) -> int:
+        members = await self._call(self._redis.smembers(self.workers_key))
+        if not members:
+            return 0
+        ids = sorted(_text(m) for m in members)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for worker_id in ids:
+                pipe.exists(self.worker_key(worker_id))
+            alive = await self._call(pipe.execute())
+        dead = [w for w, ok in zip(ids, alive, strict=True) if not ok]
+        if dead:
+            await self._call(self._redis.srem(self.workers_key, *dead))
+        return sum(1 for ok in alive if ok)
+
+    async def seconds_per_job(self, task: str) -> float | None:
+        value = await self._call(self._redis.get(self.spj_key(task)))
+        return float(value) if value is not None else None
+
+    # --- worker side ----------------------------------------------------------------------
+    def _delivery(self, task: str, entry_id: Any, fields: dict[bytes, bytes], deliveries: int) -> Delivery:
+        meta = json.loads(fields[b"meta"])
+        job = Job.from_meta(meta, fields.get(b"image", b""))
+        job.task = task
+        return Delivery(job=job, token=_text(entry_id), deliveries=deliveries)
+
+    async def take(self, tasks: list[str], worker_id: str, max_n: int, timeout_s: float) -> list[Delivery]:
+        await self._ensure_groups(tasks)
+        streams = {self.stream_key(t): ">" for t in tasks}
+        by_stream = {self.stream_key(t): t for t in tasks}
+        block_ms = max(1, int(timeout_s * 1000))
+        try:
+            response = await self._call(self._redis.xreadgroup(
+                GROUP, worker_id, streams, count=max_n, block=block_ms))
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):  # Redis came back without our groups (no persistence)
+                await self._ensure_groups(tasks, force=True)
+                return []
+            raise
+        deliveries = []
+        for stream, entries in response or []:
+            task = by_stream[_text(stream)]
+            for entry_id, fields in entries:
+                if fields and b"meta" in fields:
+                    deliveries.append(self._delivery(task, entry_id, fields, 1))
+                else:  # deleted under us: nothing to do
+                    await self._call(self._redis.xack(self.stream_key(task), GROUP, entry_id))
+        return deliveries
+
+    async def reclaim(self, tasks: list[str], worker_id: str, max_n: int) -> list[Delivery]:
+        claimed: list[Delivery] = []
+        for task in tasks:
+            stream = self.stream_key(task)
+            try:
+                response = await self._call(self._redis.xautoclaim(
+                    stream, GROUP, worker_id, self.visibility_timeout_ms, start_id="0-0", count=max_n))
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    await self._ensure_groups([task], force=True)
+                    continue
+                raise
+            entries = response[1] if len(response) > 1 else []
+            for entry_id, fields in entries:
+                if not fields or b"meta" not in fields:
+                    await self._call(self._redis.xack(stream, GROUP, entry_id))
+                    continue
+                info = await self._call(self._redis.xpending_range(
+                    stream, GROUP, min=entry_id, max=entry_id, count=1))
+                deliveries = int(info[0]["times_delivered"]) if info else self.max_deliveries + 1
+                delivery = self._delivery(task, entry_id, fields, deliveries)
+                if deliveries > self.max_deliveries:
+                    await self._dead_letter(delivery)
+                else:
+                    log.warning("reclaimed job %s (delivery %d)", delivery.job.id, deliveries,
+                                extra={"job_id": delivery.job.id, "request_id": delivery.job.request_id})
+                    claimed.append(delivery)
+        return claimed
+
+    async def _dead_letter(self, delivery: Delivery) -> None:
+        job = delivery.job
+        log.error("dead-lettering job %s after %d deliveries", job.id, delivery.deliveries,
+                  extra={"job_id": job.id, "request_id": job.request_id})
+        await self._call(self._redis.xadd(
+            self.dead_key(job.task), {"meta": job.meta_json(), "deliveries": delivery.deliveries,
+                                      "at": time.time()},
+            maxlen=DEAD_LETTER_MAXLEN, approximate=True))
+        result = JobResult.failure(
+            job.id, "failed", 500, "dead-letter", "Job failed",
+            f"the job was delivered {delivery.deliveries} times and no worker finished it "
+            f"(limit {self.max_deliveries}); it was moved to the dead-letter stream",
+            deliveries=delivery.deliveries)
+        await self._store(result, task=job.task, reply_to=job.reply_to, ack=delivery.token)
+
+    async def heartbeat(self, worker_id: str, info: dict[str, Any], held: list[Delivery], ttl_s: float) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(self.worker_key(worker_id), json.dumps(info), px=int(ttl_s * 1000))
+            pipe.sadd(self.workers_key, worker_id)
+            by_stream: dict[str, list[str]] = {}
+            for delivery in held:
+                by_stream.setdefault(self.stream_key(delivery.job.task), []).append(delivery.token)
+            for stream, ids in by_stream.items():
+                # Resets the idle time of entries we hold without counting a delivery.
+                pipe.xclaim(stream, GROUP, worker_id, 0, ids, justid=True)
+            await self._call(pipe.execute(raise_on_error=False))
+
+    async def leave(self, worker_id: str) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.delete(self.worker_key(worker_id))
+            pipe.srem(self.workers_key, worker_id)
+            await self._call(pipe.execute())
+
+    async def finished(self, job_ids: list[str]) -> set[str]:
+        if not job_ids:
+            return set()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.exists(self.result_key(job_id))
+            found = await self._call(pipe.execute())
+        return {job_id for job_id, exists in zip(job_ids, found, strict=True) if exists}
+
+    async def mark_running(self, deliveries: list[Delivery]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for delivery in deliveries:
+                pipe.hset(self.job_key(delivery.job.id), "state", "running")
+            await self._call(pipe.execute())
+
+    async def finish(self, delivery: Delivery, result: JobResult) -> None:
+        await self._store(result, task=delivery.job.task, reply_to=delivery.job.reply_to, ack=delivery.token)
+
+    async def release(self, deliveries: list[Delivery]) -> None:
+        for delivery in deliveries:
+            job = delivery.job
+            stream = self.stream_key(job.task)
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(stream, {"meta": job.meta_json(), "image": job.image})
+                pipe.xack(stream, GROUP, delivery.token)
+                pipe.xdel(stream, delivery.token)
+                new_entry, *_ = await self._call(pipe.execute())
+            await self._call(self._redis.hset(self.job_key(job.id), "entry", new_entry))
+
+    async def record_seconds_per_job(self, task: str, seconds: float) -> None:
+        await self._call(self._redis.set(self.spj_key(task), f"{seconds:.4f}", ex=3600))

@@ -1,0 +1,79 @@
+"""What the worker computes with: one `flowie.pipeline.Pipeline` per task, behind a small protocol.
+
+Only the worker side imports this module's `PipelineRunner` (it imports torch); the protocol
+lets the worker's batching be written without knowing the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from flowie.params import EnhanceParams
+
+log = logging.getLogger("flowie.service.runner")
+
+
+class Runner(Protocol):
+    backend: str
+
+    @property
+    def tasks(self) -> list[str]: ...
+
+    def padded_shape(self, task: str, height: int, width: int, params: EnhanceParams) -> tuple[int, int]:
+        """Padded work size (H, W) in pixels: images with equal work size batch together."""
+
+    def enhance(self, task: str, images: list[np.ndarray], params: EnhanceParams,
+                seeds: list[int]) -> list[Any]:
+        """One batch: results with ``.image`` (uint8 HWC RGB), ``.seed``, ``.timings``."""
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Accelerator memory held, by kind ({} on the CPU)."""
+
+
+class PipelineRunner:
+    """Loads every model directory on ``device``; one model per task."""
+
+    def __init__(self, model_dirs: list[Path], *, device: str = "cpu", dtype: str = "float32",
+                 backend: str = "torch") -> None:
+        from flowie.pipeline import Pipeline  # torch: the worker side only
+
+        self.device = device
+        self.pipelines: dict[str, Any] = {}
+        for model_dir in model_dirs:
+            if backend == "torch":
+                pipe = Pipeline.from_model_dir(model_dir, device=device, dtype=dtype, backend=backend)
+            else:  # onnxruntime sessions / TensorRT plans made by `flowie export` / `build-engines`
+                from engines import build_pipeline
+
+                pipe = build_pipeline(model_dir, backend=backend, device=device, dtype=dtype)
+            task = pipe.info.task
+            if task in self.pipelines:
+                raise ValueError(f"two model directories serve task {task!r}: "
+                                 f"{self.pipelines[task].info.path} and {model_dir}; pass one per task")
+            self.pipelines[task] = pipe
+            log.info("model loaded", extra={"task": task, "model": pipe.info.name, "device": device,
+                                            "backend": pipe.backend})
+        self.backend = next(iter(self.pipelines.values())).backend if self.pipelines else backend
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.pipelines)
+
+    def padded_shape(self, task: str, height: int, width: int, params: EnhanceParams) -> tuple[int, int]:
+        return tuple(self.pipelines[task].padded_shape(height, width, params))  # type: ignore[return-value]
+
+    def enhance(self, task: str, images: list[np.ndarray], params: EnhanceParams,
+                seeds: list[int]) -> list[Any]:
+        return list(self.pipelines[task].enhance(images, params, seeds=seeds))
+
+    def memory_bytes(self) -> dict[str, int]:
+        if not self.device.startswith("cuda"):
+            return {}
+        import torch
+
+        return {"allocated": int(torch.cuda.memory_allocated(self.device)),
+                "reserved": int(torch.cuda.memory_reserved(self.device))}

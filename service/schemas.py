@@ -1,0 +1,135 @@
+"""Request and response schemas of the HTTP API (they also write the OpenAPI document).
+
+The enhancement fields are validated here for shape and type (-> 422 with the field named) and
+again by `flowie.params.EnhanceParams.validate`, which owns the ranges.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from flowie.params import COLOR_FIXES, MAX_STEPS, MAX_UPSCALE, SAMPLERS, TILE_MODES
+from service.imaging import OUTPUT_FORMATS
+
+SamplerName = Literal.__getitem__(SAMPLERS)  # type: ignore[attr-defined]
+ColorFixName = Literal.__getitem__(COLOR_FIXES)  # type: ignore[attr-defined]
+TileName = Literal.__getitem__(TILE_MODES)  # type: ignore[attr-defined]
+OutputFormat = Literal.__getitem__(tuple(OUTPUT_FORMATS))  # type: ignore[attr-defined]
+
+MAX_SEED = 2**63 - 1
+FIELD_NAMES = ("task", "upscale", "sampler", "steps", "color_fix", "seed", "tile", "min_side",
+               "output_format", "quality")
+
+
+class EnhanceFields(BaseModel):
+    """The form fields of POST /enhance (absent = the model's default from model.json)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str | None = Field(None, max_length=64, description="which model: a task listed by GET /models "
+                             "(default: the first model configured)")
+    upscale: float | None = Field(None, ge=1.0, le=MAX_UPSCALE, description="output size / input size")
+    sampler: SamplerName | None = Field(None, description="mean_value (FlowIE), euler, one_step, "
+                                        "restore_only (stage 1 only)")
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="flow steps (euler / mean_value)")
+    color_fix: ColorFixName | None = Field(None, description="colour correction after decoding")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="noise seed; absent = random, "
+                             "always echoed in X-Seed")
+    tile: TileName | None = Field(None, description="latent tiling for large images")
+    min_side: int | None = Field(None, ge=0, le=4096, description="work size: the short side is "
+                                 "enlarged to at least this many pixels before the networks run")
+    output_format: OutputFormat = Field("png", description="format of the answer image")
+    quality: int | None = Field(None, ge=1, le=100, description="JPEG / WebP quality (PNG ignores it)")
+
+
+class EnhanceJSON(EnhanceFields):
+    """POST /enhance as JSON: the image base64-encoded (a `data:` URL prefix is accepted)."""
+
+    image: str = Field(..., min_length=1, description="the image file, base64")
+
+
+class Links(BaseModel):
+    self: str
+    result: str
+
+
+class JobStatus(BaseModel):
+    """GET /jobs/{id}: where a job is."""
+
+    id: str
+    status: Literal["queued", "running", "done", "failed", "cancelled", "expired", "deleted"]
+    task: str | None = None
+    links: Links
+    seed: int | None = None
+    format: str | None = None
+    width: int | None = None
+    height: int | None = None
+    timings: dict[str, float] | None = None
+
+
+class EnhanceResult(BaseModel):
+    """POST /enhance with `Accept: application/json`."""
+
+    id: str
+    image: str = Field(..., description="the restored image, base64")
+    format: str
+    width: int
+    height: int
+    seed: int
+    timings: dict[str, float] = Field(..., description="seconds per stage (swinir, cond_encoder, "
+                                      "flow_unet, vae_decoder, colour_fix, total) + queue and compute")
+
+
+class ProblemDetails(BaseModel):
+    """RFC 9457 problem details (media type application/problem+json)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    request_id: str | None = None
+
+
+class ModelEntry(BaseModel):
+    task: str
+    name: str
+    defaults: dict[str, Any]
+    scale_factor: float
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelEntry]
+    default_task: str
+    limits: dict[str, Any]
+    choices: dict[str, list[str]]
+
+
+def enhance_openapi() -> dict[str, Any]:
+    """The request body of POST /enhance for the OpenAPI document (read by hand, two media types)."""
+    json_schema = EnhanceJSON.model_json_schema()
+    form_schema = EnhanceFields.model_json_schema()
+    form_schema["properties"] = {"image": {"type": "string", "format": "binary",
+                                           "description": "the image file"}, **form_schema["properties"]}
+    form_schema["required"] = ["image"]
+    form_schema["additionalProperties"] = False
+    for schema in (json_schema, form_schema):
+        schema.pop("title", None)
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {"schema": form_schema},
+                "application/json": {"schema": json_schema},
+            },
+        }
+    }
+
+
+def problem_response(description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/problem+json": {"schema": ProblemDetails.model_json_schema()}}}

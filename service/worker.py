@@ -1,0 +1,331 @@
+"""The worker: takes jobs from the queue, batches them dynamically, runs the pipeline, stores results.
+
+Batching: jobs are grouped by (task, every parameter except the seed, padded work shape); a
+batch is started when the oldest job's group holds ``max_batch`` jobs or the oldest job has
+waited ``max_wait_ms``. Other groups wait in a small local buffer (at most 2 x max_batch jobs,
+kept alive by heartbeats). Just before compute, jobs that were cancelled, finished elsewhere or
+are past their deadline are acknowledged without compute. Inference runs in a thread, so the
+event loop keeps heartbeating while a batch computes; a failing batch is retried one job at a
+time so one bad job cannot fail its neighbours.
+
+Shutdown (``request_stop``, SIGTERM): the batch in progress finishes and is stored; jobs taken
+but not started are handed back to the queue for other workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from flowie.params import EnhanceParams
+from service.imaging import OUTPUT_FORMATS, ImageError, decode_image, encode_image
+from service.logs import request_id_var
+from service.metrics import Metrics
+from service.queue.base import Delivery, JobQueue, JobResult, QueueUnavailableError
+from service.runner import Runner
+from service.settings import Settings
+
+log = logging.getLogger("flowie.service.worker")
+
+_EWMA = 0.3
+
+
+@dataclass(eq=False)
+class _Prepared:
+    """A delivery with its decoded pixels and batch key."""
+
+    delivery: Delivery
+    pixels: np.ndarray
+    params: EnhanceParams
+    key: tuple[Any, ...]
+
+    @property
+    def job_id(self) -> str:
+        return self.delivery.job.id
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    """One worker: one device, every task its runner serves."""
+
+    def __init__(self, queue: JobQueue, runner_factory: Callable[[], Runner], settings: Settings,
+                 metrics: Metrics, worker_id: str | None = None) -> None:
+        self.queue = queue
+        self.runner_factory = runner_factory
+        self.settings = settings
+        self.metrics = metrics
+        self.worker_id = worker_id or settings.worker_id or default_worker_id()
+        self.runner: Runner | None = None
+        self.ready = False
+        self.load_error: str | None = None
+        self._stopping = False
+        self._buffer: list[_Prepared] = []
+        self._inbox: list[Delivery] = []  # reclaimed by the heartbeat, not yet prepared
+        self._computing: list[_Prepared] = []
+        self._seconds_per_job: dict[str, float] = {}
+        self.batches_done = 0
+
+    @property
+    def max_batch(self) -> int:
+        return self.settings.max_batch
+
+    def request_stop(self) -> None:
+        """Finish the batch in progress, hand back the rest, then leave (SIGTERM)."""
+        if not self._stopping:
+            log.info("worker stopping: finishing the batch in progress", extra={"worker_id": self.worker_id})
+        self._stopping = True
+
+    # --- main loop ------------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            self.runner = await asyncio.to_thread(self.runner_factory)
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("worker could not load its models")
+            raise
+        tasks = self.runner.tasks
+        self.ready = True
+        log.info("worker ready", extra={"worker_id": self.worker_id, "tasks": tasks,
+                                        "backend": self.runner.backend, "device": self.settings.device})
+        heartbeat = asyncio.create_task(self._heartbeat_loop(tasks), name="flowie-worker-heartbeat")
+        backoff = 0.1
+        try:
+            while not self._stopping:
+                try:
+                    await self._step(tasks)
+                    backoff = 0.1
+                except QueueUnavailableError as exc:
+                    log.warning("queue unavailable: %s; retrying in %.1f s", exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(2.0, backoff * 2)
+        finally:
+            self.ready = False
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+            await self._hand_back()
+
+    async def _hand_back(self) -> None:
+        unstarted = [p.delivery for p in self._buffer] + self._inbox
+        self._buffer, self._inbox = [], []
+        try:
+            if unstarted:
+                await self.queue.release(unstarted)
+                log.info("handed back %d jobs not started", len(unstarted), extra={"worker_id": self.worker_id})
+            await self.queue.leave(self.worker_id)
+        except QueueUnavailableError:
+            log.warning("could not hand back %d jobs (queue unavailable); they will be reclaimed after "
+                        "the visibility timeout", len(unstarted))
+
+    async def _step(self, tasks: list[str]) -> None:
+        if self._inbox:
+            inbox, self._inbox = self._inbox, []
+            await self._prepare(inbox)
+        if not self._buffer:
+            await self._prepare(await self.queue.take(tasks, self.worker_id, self.max_batch, 0.5))
+            if not self._buffer:
+                return
+        await self._drop_dead(self._buffer)
+        if not self._buffer:
+            return
+        head = self._buffer[0]
+        key = head.key
+        wait_until = head.delivery.received_at + self.settings.max_wait_ms / 1000.0
+        while not self._stopping and sum(p.key == key for p in self._buffer) < self.max_batch:
+            remaining = wait_until - time.monotonic()
+            room = 2 * self.max_batch - len(self._buffer)
+            if remaining <= 0 or room <= 0:
+                break
+            await self._prepare(await self.queue.take(tasks, self.worker_id, min(room, self.max_batch), remaining))
+        batch = [p for p in self._buffer if p.key == key][: self.max_batch]
+        taken = {id(p) for p in batch}
+        self._buffer = [p for p in self._buffer if id(p) not in taken]
+        self._computing = batch
+        try:
+            batch = await self._drop_dead(batch)
+            if batch:
+                await self._run_batch(batch)
+        finally:
+            self._computing = []
+
+    async def _prepare(self, deliveries: list[Delivery]) -> None:
+        """Decode and key new deliveries (in a thread: decoding is CPU work)."""
+        if not deliveries:
+            return
+        assert self.runner is not None
+        prepared = await asyncio.to_thread(self._prepare_sync, deliveries)
+        for delivery, item in zip(deliveries, prepared, strict=True):
+            if isinstance(item, _Prepared):
+                self._buffer.append(item)
+            else:
+                status, slug, title, detail = item
+                await self._finish(delivery, JobResult.failure(delivery.job.id, "failed", status, slug, title,
+                                                               detail), outcome="invalid")
+
+    def _prepare_sync(self, deliveries: list[Delivery]) -> list[_Prepared | tuple[int, str, str, str]]:
+        assert self.runner is not None
+        out: list[_Prepared | tuple[int, str, str, str]] = []
+        for delivery in deliveries:
+            job = delivery.job
+            try:
+                if job.task not in self.runner.tasks:
+                    raise LookupError(f"this worker serves {', '.join(self.runner.tasks)}, not {job.task!r}")
+                pixels = job.pixels if job.pixels is not None else decode_image(job.image, self.settings.max_pixels)
+                params = EnhanceParams(**job.params).validate()
+                shape = self.runner.padded_shape(job.task, pixels.shape[0], pixels.shape[1], params)
+                inference = dataclasses.replace(params, seed=None)
+                key = (job.task, *dataclasses.astuple(inference), tuple(shape))
+                out.append(_Prepared(delivery, pixels, params, key))
+            except ImageError as exc:
+                out.append((400, "bad-request", "Bad request", str(exc)))
+            except (ValueError, TypeError, LookupError) as exc:
+                out.append((422, "invalid-field", "Invalid field", str(exc)))
+        return out
+
+    async def _drop_dead(self, items: list[_Prepared]) -> list[_Prepared]:
+        """Acknowledge, without compute, jobs cancelled / finished elsewhere / past deadline."""
+        if not items:
+            return items
+        finished = await self.queue.finished([p.job_id for p in items])
+        now = time.time()
+        alive = []
+        for p in items:
+            job = p.delivery.job
+            if p.job_id in finished:
+                await self._finish(p.delivery, JobResult.failure(job.id, "cancelled", 409, "job-cancelled",
+                                                                 "Job cancelled", "cancelled"), outcome="cancelled")
+            elif job.deadline < now:
+                await self._finish(p.delivery, JobResult.failure(
+                    job.id, "expired", 504, "deadline-exceeded", "Deadline exceeded",
+                    f"the job waited {now - job.created_at:.1f} s and passed its deadline before compute"),
+                    outcome="expired")
+            else:
+                alive.append(p)
+        if len(alive) != len(items):
+            dropped = {id(p) for p in items} - {id(p) for p in alive}
+            self._buffer = [p for p in self._buffer if id(p) not in dropped]
+        return alive
+
+    async def _run_batch(self, batch: list[_Prepared]) -> None:
+        assert self.runner is not None
+        task = batch[0].delivery.job.task
+        job_ids = [p.job_id for p in batch]
+        await self.queue.mark_running([p.delivery for p in batch])
+        started = time.time()
+        for p in batch:
+            self.metrics.queue_wait.labels(task=task).observe(max(0.0, started - p.delivery.job.created_at))
+        log.info("batch started", extra={"worker_id": self.worker_id, "task": task, "batch_size": len(batch),
+                                         "job_ids": job_ids})
+        t0 = time.perf_counter()
+        try:
+            outputs = await asyncio.to_thread(self._compute, task, batch)
+        except Exception as exc:  # noqa: BLE001 - a model failure must not stop the worker
+            if len(batch) > 1:
+                log.warning("batch of %d failed (%s); retrying one job at a time", len(batch), type(exc).__name__)
+                for p in batch:
+                    await self._run_batch([p])
+                return
+            log.exception("job failed", extra={"job_id": batch[0].job_id,
+                                               "request_id": batch[0].delivery.job.request_id})
+            await self._finish(batch[0].delivery, JobResult.failure(
+                batch[0].job_id, "failed", 500, "job-failed", "Job failed",
+                f"inference failed ({type(exc).__name__}); the request id identifies the log entry"),
+                outcome="failed")
+            return
+        compute_s = time.perf_counter() - t0
+        self.metrics.batch_size.labels(task=task).observe(len(batch))
+        timings = dict(getattr(outputs[0][1], "timings", {}) or {})
+        for stage, seconds in timings.items():
+            self.metrics.stage_duration.labels(stage=stage, backend=self.runner.backend).observe(float(seconds))
+        for p, (encoded, output) in zip(batch, outputs, strict=True):
+            job = p.delivery.job
+            height, width = output.image.shape[:2]
+            result = JobResult(
+                id=job.id, state="done", image=encoded, media_type=OUTPUT_FORMATS[job.output_format],
+                format=job.output_format, width=int(width), height=int(height), seed=int(output.seed),
+                timings={k: float(v) for k, v in timings.items()}, queue_s=max(0.0, started - job.created_at),
+                compute_s=compute_s, batch_size=len(batch), finished_at=time.time())
+            await self._finish(p.delivery, result, outcome="done")
+        self.batches_done += 1
+        log.info("batch done", extra={"worker_id": self.worker_id, "task": task, "batch_size": len(batch),
+                                      "compute_s": round(compute_s, 4)})
+        per_job = compute_s / len(batch)
+        old = self._seconds_per_job.get(task)
+        self._seconds_per_job[task] = per_job if old is None else (1 - _EWMA) * old + _EWMA * per_job
+        try:
+            await self.queue.record_seconds_per_job(task, self._seconds_per_job[task])
+        except QueueUnavailableError:
+            pass
+        for kind, value in self.runner.memory_bytes().items():
+            self.metrics.gpu_memory.labels(device=self.settings.device, kind=kind).set(value)
+
+    def _compute(self, task: str, batch: list[_Prepared]) -> list[tuple[bytes, Any]]:
+        """Thread: run the batch and encode each output in its job's format."""
+        assert self.runner is not None
+        params = dataclasses.replace(batch[0].params, seed=None)
+        seeds = [int(p.params.seed) for p in batch]  # type: ignore[arg-type]
+        outputs = self.runner.enhance(task, [p.pixels for p in batch], params, seeds)
+        if len(outputs) != len(batch):
+            raise RuntimeError(f"pipeline returned {len(outputs)} results for {len(batch)} images")
+        return [(encode_image(out.image, p.delivery.job.output_format, p.delivery.job.quality), out)
+                for p, out in zip(batch, outputs, strict=True)]
+
+    async def _finish(self, delivery: Delivery, result: JobResult, *, outcome: str) -> None:
+        """Store the result and acknowledge; while the queue is down keep trying until the deadline
+        (after that the entry is left to be reclaimed and answered as expired)."""
+        token = request_id_var.set(delivery.job.request_id)
+        backoff = 0.1
+        try:
+            while True:
+                try:
+                    await self.queue.finish(delivery, result)
+                    break
+                except QueueUnavailableError:
+                    if time.time() > delivery.job.deadline + 5:
+                        log.error("giving up storing job %s: queue unavailable past its deadline", delivery.job.id)
+                        return
+                    await asyncio.sleep(backoff)
+                    backoff = min(2.0, backoff * 2)
+            self.metrics.jobs.labels(task=delivery.job.task, outcome=outcome).inc()
+        finally:
+            request_id_var.reset(token)
+
+    # --- heartbeat ------------------------------------------------------------------------
+    def held(self) -> list[Delivery]:
+        return [p.delivery for p in (*self._buffer, *self._computing)] + list(self._inbox)
+
+    async def _heartbeat_loop(self, tasks: list[str]) -> None:
+        interval = self.settings.heartbeat_s
+        unreachable = False
+        while True:
+            try:
+                info = {"id": self.worker_id, "pid": os.getpid(), "device": self.settings.device,
+                        "backend": self.runner.backend if self.runner else "", "tasks": tasks,
+                        "computing": len(self._computing), "buffered": len(self._buffer), "at": time.time()}
+                await self.queue.heartbeat(self.worker_id, info, self.held(), ttl_s=3 * interval)
+                if not self._stopping and len(self._buffer) + len(self._inbox) < self.max_batch:
+                    self._inbox.extend(await self.queue.reclaim(tasks, self.worker_id, self.max_batch))
+                if unreachable:
+                    log.info("queue reachable again", extra={"worker_id": self.worker_id})
+                unreachable = False
+            except QueueUnavailableError:
+                if not unreachable:
+                    log.warning("heartbeat failed: queue unavailable", extra={"worker_id": self.worker_id})
+                unreachable = True
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - heartbeats must go on
+                log.exception("heartbeat error")
+            await asyncio.sleep(interval)

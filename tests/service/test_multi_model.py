@@ -1,0 +1,45 @@
+"""One service, several models: one per task, chosen by the `task` field (--model is repeatable)."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from svc_helpers import FAST, png
+
+
+@pytest.fixture(scope="module")
+def two_task_client(tiny_model_dir, tiny_bsr_model_dir, make_settings):
+    from service.app import create_app, load_models
+    from service.metrics import Metrics
+    from service.queue.memory import MemoryJobQueue
+    from service.runner import PipelineRunner
+    from service.worker import Worker
+
+    settings = make_settings(model_dirs=[tiny_model_dir, tiny_bsr_model_dir])
+    runner = PipelineRunner(settings.model_dirs)
+    queue, metrics = MemoryJobQueue(8, 60), Metrics()
+    app = create_app(settings, queue, load_models(settings), worker=Worker(queue, lambda: runner, settings, metrics),
+                     metrics=metrics)
+    with TestClient(app) as client:
+        yield client
+
+
+def test_each_task_is_served_by_its_own_model(two_task_client):
+    models = two_task_client.get("/models").json()
+    assert sorted(m["task"] for m in models["models"]) == ["bfr", "bsr"]
+    for task in ("bfr", "bsr"):
+        response = two_task_client.post("/enhance", files={"image": ("a.png", png(), "image/png")},
+                                        data={**FAST, "task": task, "sampler": "one_step"},
+                                        headers={"Accept": "application/json"})
+        assert response.status_code == 200, response.text
+    depth = [line for line in two_task_client.get("/metrics").text.splitlines()
+             if line.startswith("flowie_queue_depth{")]
+    assert len(depth) == 2
+
+
+def test_two_model_directories_for_one_task_are_refused(tiny_model_dir, make_settings):
+    from service.app import load_models
+    from service.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="one per task"):
+        load_models(make_settings(model_dirs=[tiny_model_dir, tiny_model_dir]))

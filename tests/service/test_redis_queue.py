@@ -1,0 +1,199 @@
+"""The Redis Streams queue against a real redis-server: wake-ups, at-least-once, dead letters, bounds.
+
+These drive `RedisJobQueue` directly (no model): each test plays API and workers itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+from service.queue.base import Job, JobResult, QueueFullError
+from service.queue.redis_streams import RedisJobQueue
+
+
+def make_queue(redis_server, prefix: str, **kwargs) -> RedisJobQueue:
+    options = {"max_queue": 50, "visibility_timeout_s": 0.3, "max_deliveries": 2, "result_ttl_s": 60}
+    options.update(kwargs)
+    return RedisJobQueue(redis_server.url, tasks=["bfr"], prefix=prefix, **options)
+
+
+def job(deadline_s: float = 60) -> Job:
+    now = time.time()
+    return Job(id=uuid.uuid4().hex, task="bfr", params={"seed": 1}, output_format="png", quality=None,
+               image=b"\x89PNG-bytes", created_at=now, deadline=now + deadline_s, request_id="r")
+
+
+def done(job_id: str) -> JobResult:
+    return JobResult(id=job_id, state="done", image=b"result", media_type="image/png", format="png", seed=1)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture()
+def prefix() -> str:
+    return "t" + uuid.uuid4().hex[:8]
+
+
+def test_a_result_stored_before_the_handler_waits_still_wakes_it(redis_server, prefix):
+    async def scenario():
+        api, worker = make_queue(redis_server, prefix), make_queue(redis_server, prefix, listen=False)
+        await api.start()
+        await worker.start()
+        try:
+            j = job()
+            await api.submit(j, wait=True)
+            [delivery] = await worker.take(["bfr"], "w1", 4, 1.0)
+            await worker.finish(delivery, done(j.id))
+            await asyncio.sleep(0.2)  # the wake-up arrives before anyone waits
+            started = time.monotonic()
+            result = await api.wait(j.id, timeout_s=5)
+            assert result is not None and result.image == b"result"
+            assert time.monotonic() - started < 1.0
+            assert await api.state(j.id) == "done"
+            assert await api.depth("bfr") == 0  # acknowledged and deleted from the stream
+        finally:
+            await api.close()
+            await worker.close()
+
+    run(scenario())
+
+
+def test_many_waiting_requests_share_a_bounded_number_of_connections(redis_server, prefix):
+    async def scenario():
+        api = make_queue(redis_server, prefix, max_connections=4)
+        worker = make_queue(redis_server, prefix, listen=False)
+        await api.start()
+        await worker.start()
+        try:
+            jobs = [job() for _ in range(40)]
+            for j in jobs:
+                await api.submit(j, wait=True)
+            waits = [asyncio.ensure_future(api.wait(j.id, timeout_s=20)) for j in jobs]
+            await asyncio.sleep(0.2)
+            clients = redis_server.client().client_list()
+            assert len(clients) <= 4 + 2 + 1, len(clients)  # api pool + listener, worker, this probe
+            for _ in range(20):
+                for delivery in await worker.take(["bfr"], "w1", 10, 0.5):
+                    await worker.finish(delivery, done(delivery.job.id))
+                if all(w.done() for w in waits):
+                    break
+            results = await asyncio.gather(*waits)
+            assert all(r is not None and r.state == "done" for r in results)
+        finally:
+            await api.close()
+            await worker.close()
+
+    run(scenario())
+
+
+def test_abandoned_job_is_reclaimed_and_a_late_duplicate_changes_nothing(redis_server, prefix):
+    async def scenario():
+        q = make_queue(redis_server, prefix, listen=False)
+        await q.start()
+        try:
+            j = job()
+            await q.submit(j, wait=False)
+            [first] = await q.take(["bfr"], "dies", 1, 1.0)
+            assert await q.reclaim(["bfr"], "alive", 4) == []  # not idle long enough yet
+            await asyncio.sleep(0.4)
+            [again] = await q.reclaim(["bfr"], "alive", 4)
+            assert again.job.id == j.id and again.deliveries == 2
+            await q.finish(again, done(j.id))
+            late = JobResult(id=j.id, state="done", image=b"late duplicate")
+            await q.finish(first, late)  # the "dead" worker wakes up after all
+            assert (await q.result(j.id)).image == b"result"
+        finally:
+            await q.close()
+
+    run(scenario())
+
+
+def test_heartbeats_keep_a_long_batch_from_being_stolen(redis_server, prefix):
+    async def scenario():
+        q = make_queue(redis_server, prefix, listen=False)
+        await q.start()
+        try:
+            await q.submit(job(), wait=False)
+            held = await q.take(["bfr"], "busy", 1, 1.0)
+            for _ in range(5):  # 0.5 s > visibility timeout, with a heartbeat every 0.1 s
+                await q.heartbeat("busy", {"id": "busy"}, held, ttl_s=1)
+                await asyncio.sleep(0.1)
+                assert await q.reclaim(["bfr"], "thief", 4) == []
+            assert await q.live_workers() == 1
+            await q.leave("busy")
+            assert await q.live_workers() == 0
+        finally:
+            await q.close()
+
+    run(scenario())
+
+
+def test_job_past_max_deliveries_is_dead_lettered_and_its_client_told(redis_server, prefix):
+    async def scenario():
+        api = make_queue(redis_server, prefix)
+        q = make_queue(redis_server, prefix, listen=False)
+        await api.start()
+        await q.start()
+        try:
+            j = job()
+            await api.submit(j, wait=True)
+            await q.take(["bfr"], "w1", 1, 1.0)  # delivery 1: dies
+            await asyncio.sleep(0.4)
+            assert len(await q.reclaim(["bfr"], "w2", 4)) == 1  # delivery 2: dies
+            await asyncio.sleep(0.4)
+            assert await q.reclaim(["bfr"], "w3", 4) == []  # delivery 3 > 2: dead letter
+            result = await api.wait(j.id, timeout_s=5)
+            assert result is not None and result.state == "failed"
+            assert result.problem["slug"] == "dead-letter" and result.problem["status"] == 500
+            r = redis_server.client()
+            assert r.xlen(f"{prefix}:dead:bfr") == 1 and r.xlen(f"{prefix}:jobs:bfr") == 0
+        finally:
+            await api.close()
+            await q.close()
+
+    run(scenario())
+
+
+def test_admission_bound_holds_across_concurrent_submitters(redis_server, prefix):
+    async def scenario():
+        replicas = [make_queue(redis_server, prefix, max_queue=3) for _ in range(3)]
+        for replica in replicas:
+            await replica.start()
+        try:
+            outcomes = await asyncio.gather(*(replicas[i % 3].submit(job(), wait=False) for i in range(12)),
+                                            return_exceptions=True)
+            full = [o for o in outcomes if isinstance(o, QueueFullError)]
+            assert len(full) == 9 and all(e.retry_after_s >= 1 for e in full)
+            assert await replicas[0].depth("bfr") == 3
+        finally:
+            for replica in replicas:
+                await replica.close()
+
+    run(scenario())
+
+
+def test_cancelled_and_released_jobs(redis_server, prefix):
+    async def scenario():
+        q = make_queue(redis_server, prefix, listen=False)
+        await q.start()
+        try:
+            cancelled, handed_back = job(), job()
+            await q.submit(cancelled, wait=False)
+            await q.submit(handed_back, wait=False)
+            assert await q.cancel(cancelled.id) == "cancelled"
+            taken = await q.take(["bfr"], "w1", 2, 1.0)
+            assert await q.finished([d.job.id for d in taken]) == {cancelled.id}
+            await q.release([d for d in taken if d.job.id == handed_back.id])
+            [again] = await q.take(["bfr"], "w2", 2, 1.0)  # at once, no visibility timeout
+            assert again.job.id == handed_back.id
+            assert await q.cancel("0" * 32) is None
+        finally:
+            await q.close()
+
+    run(scenario())

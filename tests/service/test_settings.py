@@ -1,0 +1,80 @@
+"""One settings object: every field is a FLOWIE_* variable and a flag of the same name; unsafe
+production settings are refused with a message that says what to set."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from service.settings import (
+    Settings,
+    SettingsError,
+    add_settings_arguments,
+    load_settings,
+    settings_from_args,
+)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("FLOWIE_"):
+            monkeypatch.delenv(name)
+
+
+def test_every_field_is_an_env_var_and_a_flag_with_a_description():
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser)
+    flags = {opt for action in parser._actions for opt in action.option_strings}
+    for name, info in Settings.model_fields.items():
+        assert info.description, name
+        flag = "--model" if name == "model_dirs" else "--" + name.replace("_", "-")
+        assert flag in flags, name
+
+
+def test_env_vars_are_read_and_flags_win(monkeypatch):
+    monkeypatch.setenv("FLOWIE_MAX_QUEUE", "7")
+    monkeypatch.setenv("FLOWIE_MAX_BATCH", "3")
+    settings = settings_from_args(parse(["--max-batch", "5"]))
+    assert settings.max_queue == 7 and settings.max_batch == 5
+
+
+def test_model_dirs_are_comma_separated_or_repeated(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLOWIE_MODEL_DIRS", f"{tmp_path}/a, {tmp_path}/b")
+    assert [p.name for p in load_settings().model_dirs] == ["a", "b"]
+    repeated = settings_from_args(parse(["--model", "x", "--model", "y,z"]))
+    assert [p.name for p in repeated.model_dirs] == ["x", "y", "z"]
+
+
+def test_bad_value_names_the_variable_and_the_flag(monkeypatch):
+    monkeypatch.setenv("FLOWIE_MAX_BATCH", "zero")
+    with pytest.raises(SettingsError, match="FLOWIE_MAX_BATCH / --max-batch"):
+        load_settings()
+
+
+def test_production_without_api_keys_is_refused_unless_allowed():
+    with pytest.raises(SettingsError, match="FLOWIE_API_KEYS"):
+        load_settings(env="production")
+    with pytest.raises(SettingsError, match="shorter than 16"):
+        load_settings(env="production", api_keys="short")
+    assert load_settings(env="production", allow_unauthenticated=True).env == "production"
+    assert load_settings(env="production", api_keys="a" * 32).api_key_values() == ["a" * 32]
+
+
+def test_api_keys_do_not_show_in_repr():
+    settings = load_settings(api_keys="super-secret-key-value-123")
+    assert "super-secret-key-value-123" not in repr(settings)
+
+
+def test_heartbeat_must_fit_twice_in_the_visibility_timeout():
+    with pytest.raises(SettingsError, match="FLOWIE_HEARTBEAT_S"):
+        load_settings(heartbeat_s=5, visibility_timeout_s=6)
