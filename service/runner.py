@@ -37,19 +37,22 @@ class Runner(Protocol):
 class PipelineRunner:
     """Loads every model directory on ``device``; one model per task."""
 
-    def __init__(self, model_dirs: list[Path], *, device: str = "cpu", dtype: str = "float32",
-                 backend: str = "torch") -> None:
-        from flowie.pipeline import Pipeline  # torch: the worker side only
+    def __init__(self, model_dirs: list[Path], *, device: str = "cpu", dtype: str = "auto",
+                 backend: str = "torch", cuda_graphs: bool = True, torch_compile: bool = False) -> None:
+        from engines import build_pipeline  # torch: the worker side only
 
         self.device = device
+        on_cuda = device.startswith("cuda")
+        # Engine settings chosen by the H200 benchmark (docs/PERF.md): fp16, CUDA graphs on CUDA.
+        if dtype == "auto":
+            dtype = "float16" if on_cuda and backend == "torch" else "float32"
+        options: dict[str, Any] = {}
+        if backend == "torch":
+            options = {"cuda_graphs": bool(cuda_graphs and on_cuda), "compile": bool(torch_compile)}
         self.pipelines: dict[str, Any] = {}
         for model_dir in model_dirs:
-            if backend == "torch":
-                pipe = Pipeline.from_model_dir(model_dir, device=device, dtype=dtype, backend=backend)
-            else:  # onnxruntime sessions / TensorRT plans made by `flowie export` / `build-engines`
-                from engines import build_pipeline
-
-                pipe = build_pipeline(model_dir, backend=backend, device=device, dtype=dtype)
+            # torch modules, onnxruntime sessions or TensorRT plans (`flowie export` / `build-engines`)
+            pipe = build_pipeline(model_dir, backend=backend, device=device, dtype=dtype, **options)
             task = pipe.info.task
             if task in self.pipelines:
                 raise ValueError(f"two model directories serve task {task!r}: "

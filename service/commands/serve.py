@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     def load_runner():  # type: ignore[no-untyped-def]
         from service.runner import PipelineRunner  # torch, in the worker's thread
 
-        return PipelineRunner(model_dirs, device=settings.device, dtype=settings.dtype, backend=settings.backend)
+        return PipelineRunner(model_dirs, device=settings.device, dtype=settings.dtype, backend=settings.backend,
+                              cuda_graphs=settings.cuda_graphs, torch_compile=settings.torch_compile)
 
     metrics = Metrics(role="serve")
     queue = MemoryJobQueue(max_queue=settings.max_queue, result_ttl_s=settings.result_ttl_s)

@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     def load_runner():  # type: ignore[no-untyped-def]
         from service.runner import PipelineRunner
 
-        return PipelineRunner(model_dirs, device=settings.device, dtype=settings.dtype, backend=settings.backend)
+        return PipelineRunner(model_dirs, device=settings.device, dtype=settings.dtype, backend=settings.backend,
+                              cuda_graphs=settings.cuda_graphs, torch_compile=settings.torch_compile)
 
     metrics = Metrics(role="worker")
     if settings.worker_metrics_port:
