@@ -31,11 +31,36 @@ def wavelet_decompose(x: torch.Tensor, levels: int = WAVELET_LEVELS) -> tuple[to
     return high, x
 
 
+def _blur_1d(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
+    """[1, 2, 1] / 4 along ``dim`` with dilation ``radius`` and replicate padding."""
+    n = x.shape[dim]
+    first, last = x.narrow(dim, 0, 1), x.narrow(dim, n - 1, 1)
+    size = list(x.shape)
+    size[dim] = radius
+    padded = torch.cat([first.expand(size), x, last.expand(size)], dim=dim)
+    left, mid, right = padded.narrow(dim, 0, n), padded.narrow(dim, radius, n), padded.narrow(dim, 2 * radius, n)
+    return (left + 2 * mid + right) * 0.25
+
+
+def low_pass(x: torch.Tensor, levels: int = WAVELET_LEVELS) -> torch.Tensor:
+    """The low band of :func:`wavelet_decompose`: the chain of dilated blurs, done separably.
+
+    The 3x3 binomial kernel is the outer product of [1, 2, 1] / 4 with itself and replicate
+    padding is separable too, so two 1-D passes equal the official depthwise conv2d up to float
+    rounding, with far less memory (no im2col buffer of 9x the image on the CPU).
+    """
+    for i in range(levels):
+        x = _blur_1d(_blur_1d(x, 2**i, dim=-2), 2**i, dim=-1)
+    return x
+
+
 def wavelet_color_fix(content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
-    """High frequencies of ``content`` + low frequencies of ``style``."""
-    content_high, _ = wavelet_decompose(content)
-    _, style_low = wavelet_decompose(style)
-    return content_high + style_low
+    """High frequencies of ``content`` + low frequencies of ``style``.
+
+    high(content) + low(style) = content - L(content) + L(style) = content + L(style - content),
+    because the low-pass chain L is linear: one chain instead of two, on one difference image.
+    """
+    return content + low_pass(style - content)
 
 
 def _mean_std(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:

@@ -56,7 +56,7 @@ def test_scaling_bench_runs_on_tiny_sizes(tiny_model_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--model", str(tiny_model_dir), "--sizes", "576x64,1088x64",
-         "--sampler", "one_step", "--device", "cpu", "--no-warmup", "--out", str(out)],
+         "--sampler", "one_step", "--device", "cpu", "--threads", "1", "--no-warmup", "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=280, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -64,7 +64,7 @@ def test_scaling_bench_runs_on_tiny_sizes(tiny_model_dir, tmp_path):
 
     report = json.loads((out / "scaling.json").read_text())
     assert (out / "scaling.png").stat().st_size > 1000
-    assert report["sampler"] == "one_step" and report["tile"] == "on"
+    assert report["sampler"] == "one_step" and report["tile"] == "on" and report["threads"] == 1
     rows = report["rows"]
     assert [(r["h"], r["w"]) for r in rows] == [(576, 64), (1088, 64)]
     for row in rows:
@@ -72,6 +72,7 @@ def test_scaling_bench_runs_on_tiny_sizes(tiny_model_dir, tmp_path):
         for key in ("wall_s", "pixels", "seconds_per_megapixel", "peak_increase_bytes", "image_sized_bytes",
                     "working_bytes", "baseline_bytes"):
             assert _positive(row[key]), (key, row[key])
+        assert _positive(row["cpu_s"])
         for stage in ("swinir", "cond_encoder", "flow_unet", "vae_decoder", "colour_fix"):
             assert _positive(row["stages"][stage]["seconds"]), stage
         assert row["stages"]["swinir"]["tile_calls"] >= 2  # tiling really engaged

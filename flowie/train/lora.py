@@ -56,6 +56,23 @@ def inject_lora(unet: nn.Module, rank: int, seed: int = 0) -> list[nn.Parameter]
     return factors
 
 
+def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with every LoRA-parametrised weight replaced by W + up @ down.
+
+    The module itself is left as it is (training can go on); the keys are those of the plain,
+    un-parametrised network, so the result loads into the served model.
+    """
+    state = {}
+    for key, value in module.state_dict().items():
+        if ".parametrizations.weight." not in key:
+            state[key] = value
+    for name, sub in module.named_modules():
+        if parametrize.is_parametrized(sub, "weight"):
+            with torch.no_grad():
+                state[f"{name}.weight" if name else "weight"] = sub.weight.detach().clone()
+    return state
+
+
 def merge_lora(unet: nn.Module) -> int:
     """Replace every LoRA parametrisation by its merged weight; returns how many were merged."""
     merged = 0

@@ -34,7 +34,8 @@ def split_moments(moments: torch.Tensor, embed_dim: int = 4) -> tuple[torch.Tens
 
 
 def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+    # Drawn on the CPU (where the seeded generator lives), so a seed means the same noise on any device.
+    noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
     return mean + torch.exp(0.5 * logvar) * noise
 
 

@@ -51,7 +51,7 @@ from flowie.nets.vae import CondEncoder, VaeConfig, VaeDecoder
 from flowie.train import losses
 from flowie.train.data import CropSampler, load_images
 from flowie.train.degrade import DegradationRanges
-from flowie.train.lora import inject_lora, merge_lora
+from flowie.train.lora import inject_lora, merged_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ PHASES = ("swinir", "vae", "cond_encoder", "flow")
 PHASE_MODULES = {"swinir": ("swinir",), "vae": ("vae_encoder", "vae_decoder"), "cond_encoder": ("cond_encoder",),
                  "flow": ("flow",)}
 STATE_FORMAT = 1
+BANK_STREAM = 9
 TASK = "restore"  # general restoration x1-x4: BFR-style sampling (mean-value, x_T + v, wavelet fix)
 
 
@@ -121,6 +122,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     threads: int = 2
     workers: int = 1  # 2: train stage 1 and the VAE in parallel processes
+    data_workers: int = 0  # >0: processes that make the degraded crops ahead of the training loop
     device: str = "cpu"
     name: str = "flowie-demo"
     defaults: dict = field(default_factory=lambda: {"min_side": 768})  # overrides of model.json defaults
@@ -139,7 +141,7 @@ class TrainConfig:
     def fingerprint(self) -> dict:
         """What must match for a checkpoint to be resumed (not paths, thread counts or the device)."""
         data = self.to_dict()
-        for key in ("out", "checkpoint_dir", "threads", "workers", "device", "checkpoint_every", "name", "defaults"):
+        for key in ("out", "checkpoint_dir", "threads", "workers", "data_workers", "device", "checkpoint_every", "name", "defaults"):
             data.pop(key)
         for phase in data["phases"].values():
             phase.pop("steps")  # more steps may be asked for on resume
@@ -179,6 +181,7 @@ class Trainer:
             module.to(self.device)
         self.sampler: CropSampler | None = None
         self._bank: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._prefetch: dict[str, _Prefetcher] = {}
 
     # ------------------------------------------------------------------ set-up
 
@@ -203,17 +206,35 @@ class Trainer:
 
     def _sampler(self) -> CropSampler:
         if self.sampler is None:
-            self.sampler = CropSampler(load_images(self.cfg.images), crop=max(p.crop for p in self.cfg.phases.values()),
+            self.sampler = CropSampler(load_images(self.cfg.images), crop=min(p.crop for p in self.cfg.phases.values()),
                                        seed=self.cfg.seed, ranges=self.cfg.ranges,
                                        work_scale=tuple(self.cfg.work_scale))  # type: ignore[arg-type]
         return self.sampler
 
-    def _batch(self, phase: str, index: int, degrade: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        pc = self.cfg.phases[phase]
-        sampler = self._sampler()
-        sampler.crop = pc.crop
-        clean, lq = sampler.batch(PHASES.index(phase) + 1, index, pc.batch, degrade=degrade)
+    def phase_config(self, phase: str) -> PhaseConfig:
+        """The phase's settings; a phase left out (not trained) still has crops for measuring."""
+        return self.cfg.phases.get(phase) or _default_phases()[phase]
+
+    def _phase_sampler(self, phase: str) -> CropSampler:
+        sampler = copy.copy(self._sampler())
+        sampler.crop = self.phase_config(phase).crop
+        return sampler
+
+    def _batch(self, phase: str, index: int, degrade: bool = True, stream: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``index`` of a phase: from the prefetching workers when they run, else made here."""
+        stream = PHASES.index(phase) + 1 if stream is None else stream
+        prefetch = self._prefetch.get(phase)
+        if prefetch is not None and prefetch.serves(stream, index, degrade):
+            clean, lq = prefetch.take(index)
+        else:
+            clean, lq = self._phase_sampler(phase).batch(stream, index, self.phase_config(phase).batch, degrade=degrade)
         return clean.to(self.device), lq.to(self.device)
+
+    def _start_prefetch(self, phase: str, stream: int, start: int, stop: int, degrade: bool = True) -> None:
+        if self.cfg.data_workers > 0 and stop > start:
+            self._prefetch[phase] = _Prefetcher(self._phase_sampler(phase), stream, start, stop,
+                                                self.cfg.phases[phase].batch, degrade, self.cfg.data_workers)
 
     def _generator(self, phase: str, step: int) -> torch.Generator:
         # Noise for the flow / posterior samples: a pure function of (seed, phase, step).
@@ -286,22 +307,24 @@ class Trainer:
 
     def _build_bank(self) -> None:
         n, pc = self.cfg.flow_bank, self.cfg.phases["flow"]
+        batches = math.ceil(n / pc.batch)
+        # Stream 9: bank crops are their own stream, independent of the per-step one.
+        self._start_prefetch("flow", BANK_STREAM, 0, batches)
         parts: list[tuple[torch.Tensor, ...]] = []
-        for index in range(math.ceil(n / pc.batch)):
-            # Stream 9: bank crops are their own stream, independent of the per-step one.
-            sampler = self._sampler()
-            sampler.crop = pc.crop
-            clean, lq = sampler.batch(9, index, pc.batch)
-            parts.append(self.frozen_latents(clean.to(self.device), lq.to(self.device)))
+        for index in range(batches):
+            clean, lq = self._batch("flow", index, stream=BANK_STREAM)
+            parts.append(self.frozen_latents(clean, lq))
             if self.progress:
-                self.progress("flow bank", index + 1, math.ceil(n / pc.batch), {})
+                self.progress("flow bank", index + 1, batches, {})
+        self._prefetch.pop("flow", None)
         self._bank = tuple(torch.cat([p[i] for p in parts])[:n] for i in range(3))  # type: ignore[assignment]
 
     def _bank_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         assert self._bank is not None
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
         idx = torch.randint(0, self._bank[0].shape[0], (self.cfg.phases["flow"].batch,), generator=gen)
-        flips = torch.rand(len(idx), generator=gen) < 0.5
+        flips = (torch.rand(len(idx), generator=gen) < 0.5).to(self._bank[0].device)
+        idx = idx.to(self._bank[0].device)
         # Mirror whole latent triples (clean posterior and hint together): the same geometric
         # augmentation applied to both, like flipping the crop before encoding.
         out = []
@@ -364,6 +387,8 @@ class Trainer:
             self._init_cond_encoder()
         if phase == "flow" and self.cfg.flow_bank and pc.steps > start:
             self._build_bank()
+        if not (phase == "flow" and self.cfg.flow_bank):
+            self._start_prefetch(phase, PHASES.index(phase) + 1, start, pc.steps, degrade=phase != "vae")
         params = self.trainable(phase)
         for module in self.modules().values():
             module.requires_grad_(False)
@@ -398,6 +423,7 @@ class Trainer:
                 started = time.perf_counter()
                 self.save_phase(phase, step + 1, opt.state_dict(), complete=False)
         hist["seconds"] += time.perf_counter() - started
+        self._prefetch.pop(phase, None)
         for p in params:
             p.requires_grad_(False)
         self.done.append(phase)
@@ -510,13 +536,9 @@ class Trainer:
 
     def stage_state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
         """The served stages' weights, LoRA merged (on a copy; training can go on)."""
-        flow = self.flow
-        if self.cfg.lora_rank:
-            flow = copy.deepcopy(self.flow).cpu()
-            merge_lora(flow.unet)
-        cpu = lambda m: {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in m.state_dict().items()}  # noqa: E731
-        return {"swinir": cpu(self.swinir), "cond_encoder": cpu(self.cond_encoder), "flow_unet": cpu(flow),
-                "vae_decoder": cpu(self.vae_decoder)}
+        cpu = lambda state: {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}  # noqa: E731
+        return {"swinir": cpu(self.swinir.state_dict()), "cond_encoder": cpu(self.cond_encoder.state_dict()),
+                "flow_unet": cpu(merged_state_dict(self.flow)), "vae_decoder": cpu(self.vae_decoder.state_dict())}
 
     def write_model(self, out: str | Path | None = None, card_extra: dict | None = None) -> Path:
         """Write the model directory Pipeline / `flowie serve` load, with a model card in model.json."""
@@ -572,6 +594,46 @@ class Trainer:
         if extra:
             card.update(extra)
         return card
+
+
+class _BatchDataset(torch.utils.data.Dataset):
+    """Batches start..stop-1 of one stream; each a pure function of its index, so workers change nothing."""
+
+    def __init__(self, sampler: CropSampler, stream: int, start: int, stop: int, batch: int, degrade: bool):
+        self.sampler, self.stream, self.start, self.stop = sampler, stream, start, stop
+        self.batch, self.degrade = batch, degrade
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sampler.batch(self.stream, self.start + k, self.batch, degrade=self.degrade)
+
+
+class _Prefetcher:
+    """Batches made by ``workers`` DataLoader processes, handed out strictly in index order."""
+
+    def __init__(self, sampler: CropSampler, stream: int, start: int, stop: int, batch: int, degrade: bool,
+                 workers: int):
+        dataset = _BatchDataset(sampler, stream, start, stop, batch, degrade)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                                             prefetch_factor=4, worker_init_fn=_single_thread)
+        self.stream, self.degrade, self.next_index, self.stop = stream, degrade, start, stop
+        self._iter = iter(loader)
+
+    def serves(self, stream: int, index: int, degrade: bool) -> bool:
+        return stream == self.stream and degrade == self.degrade and self.next_index <= index < self.stop
+
+    def take(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        while True:  # skip ahead if a batch was not asked for (never in the training loop)
+            clean, lq = next(self._iter)
+            self.next_index += 1
+            if self.next_index - 1 == index:
+                return clean, lq
+
+
+def _single_thread(_worker_id: int) -> None:
+    torch.set_num_threads(1)
 
 
 def _phase_worker(cfg: TrainConfig, phase: str, resume: bool, threads: int, position: int) -> None:

@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--workers", type=int, default=1, choices=[1, 2],
                         help="2: train SwinIR and the VAE at the same time in two processes (threads split between them)")
+    parser.add_argument("--data-workers", type=int, default=0,
+                        help="processes that prepare degraded crops ahead of training (useful with a GPU; default 0)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--name", default="flowie-demo", help="model name recorded in model.json")
 
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                           phases=phases, swinir=swinir, vae=vae, unet=unet, kl_weight=args.kl_weight,
                           ssim_weight=args.ssim_weight, lora_rank=args.lora_rank, init_unet=args.init_unet,
                           flow_bank=args.flow_bank, checkpoint_every=args.checkpoint_every, threads=args.threads,
-                          workers=args.workers, work_scale=work_scale,
+                          workers=args.workers, work_scale=work_scale, data_workers=args.data_workers,
                           device=args.device, name=args.name, defaults={"min_side": args.min_side})
     except ValueError as exc:
         print(f"flowie train: {exc}", file=sys.stderr)
