@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 from engines.errors import StaleArtifactError
-from flowie.modeldir import ModelInfo
+from flowie.modeldir import ModelInfo, file_sha256
 
 ONNX_FORMAT = 1  # bump when the export recipe changes in a way that invalidates old files
 TRT_FORMAT = 1
@@ -43,12 +43,6 @@ def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def weights_fingerprint(info: ModelInfo, stage: str) -> dict:

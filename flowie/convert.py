@@ -8,7 +8,6 @@ supplied separately with ``vae_path``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from flowie import keymap
-from flowie.modeldir import write_model_json
+from flowie.modeldir import file_sha256, write_model_json
 from flowie.nets.flow_unet import UNetConfig
 from flowie.nets.swinir import SwinIRConfig
 from flowie.nets.vae import VaeConfig
@@ -142,14 +141,6 @@ def parse_config(config: dict, task: str | None = None) -> ModelSpec:
 
 
 # ---------------------------------------------------------------- checkpoint
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:

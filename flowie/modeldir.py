@@ -10,6 +10,7 @@ Layout (DESIGN.md section 3)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,3 +96,12 @@ def write_model_json(path: str | Path, meta: dict) -> None:
     root.mkdir(parents=True, exist_ok=True)
     meta = {"format_version": FORMAT_VERSION, **meta}
     (root / "model.json").write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, read in 1 MiB chunks (checkpoints are several GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

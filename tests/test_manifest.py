@@ -12,7 +12,14 @@ import json
 import pytest
 import torch
 
-from flowie.convert import ConversionReport, _stage_configs, check_against_modules, load_config, map_checkpoint, parse_config
+from flowie.convert import (
+    ConversionReport,
+    _stage_configs,
+    check_against_modules,
+    load_config,
+    map_checkpoint,
+    parse_config,
+)
 from flowie.model import build_stages
 
 

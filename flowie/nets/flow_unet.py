@@ -157,7 +157,7 @@ class FlowControlNet(nn.Module):
                 h, res = block(hidden_states=h, temb=emb)
             skips.extend(res)
         h = self.mid_block(h, emb, encoder_hidden_states=context)
-        outs = [conv(s) for conv, s in zip(self.controlnet_down_blocks, skips)]
+        outs = [conv(s) for conv, s in zip(self.controlnet_down_blocks, skips, strict=True)]
         outs.append(self.controlnet_mid_block(h))
         return outs
 
@@ -178,7 +178,7 @@ class FlowUNet(nn.Module):
 
     def controls(self, x_t, t, c_latent, context) -> list[torch.Tensor]:
         outs = self.controlnet(x_t, c_latent, t, context)
-        return [o if s == 1.0 else o * s for o, s in zip(outs, self.control_scales)]
+        return [o if s == 1.0 else o * s for o, s in zip(outs, self.control_scales, strict=True)]
 
     def forward(self, x_t, t, c_latent, context) -> torch.Tensor:
         ctrl = self.controls(x_t, t, c_latent, context)

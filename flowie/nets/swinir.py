@@ -234,7 +234,7 @@ class SwinIR(nn.Module):
         )
         self.patch_embed = PatchNorm(dim)
         self.layers = nn.ModuleList(
-            RSTB(dim, cfg.img_size, d, h, cfg.window_size, cfg.mlp_ratio) for d, h in zip(cfg.depths, cfg.num_heads)
+            RSTB(dim, cfg.img_size, d, h, cfg.window_size, cfg.mlp_ratio) for d, h in zip(cfg.depths, cfg.num_heads, strict=True)
         )
         self.norm = nn.LayerNorm(dim)
         self.conv_after_body = nn.Conv2d(dim, dim, 3, 1, 1)

@@ -33,6 +33,19 @@ def load(args: argparse.Namespace, command: str) -> tuple[Any, Any] | None:
     return settings, models
 
 
+def runner_factory(settings: Any, models: dict) -> Any:
+    """A zero-argument callable that loads the models (torch) in the worker's own thread."""
+    model_dirs = [info.path for info in models.values()]
+
+    def load_runner() -> Any:
+        from service.runner import PipelineRunner  # torch: the worker side only
+
+        return PipelineRunner(model_dirs, device=settings.device, dtype=settings.dtype, backend=settings.backend,
+                              cuda_graphs=settings.cuda_graphs, torch_compile=settings.torch_compile)
+
+    return load_runner
+
+
 def redis_queue(settings: Any, tasks: list[str], *, listen: bool) -> Any:
     from service.queue.redis_streams import RedisJobQueue
 

@@ -21,13 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from service.queue.memory import MemoryJobQueue
     from service.worker import Worker
 
-    model_dirs = [info.path for info in models.values()]
-
-    def load_runner():  # type: ignore[no-untyped-def]
-        from service.runner import PipelineRunner  # torch, in the worker's thread
-
-        return PipelineRunner(model_dirs, device=settings.device, dtype=settings.dtype, backend=settings.backend,
-                              cuda_graphs=settings.cuda_graphs, torch_compile=settings.torch_compile)
+    load_runner = _serving.runner_factory(settings, models)
 
     metrics = Metrics(role="serve")
     queue = MemoryJobQueue(max_queue=settings.max_queue, result_ttl_s=settings.result_ttl_s)
