@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     target.add_argument("--model", action="append", default=[], help="model directory for --start (repeatable; "
                         "none = the service's default, models/demo)")
     target.add_argument("--workers", type=int, default=2, help="--start redis: number of `flowie worker` (2)")
+    target.add_argument("--redis-hz", type=int, default=None,
+                        help="--start redis: redis-server's hz (default: Redis' own, 10; see load_lib/services.py)")
     target.add_argument("--threads", type=int, default=1, help="--start: torch threads per compute process (1)")
     target.add_argument("--service-env", action="append", default=[], metavar="FLOWIE_X=V",
                         help="--start: a service setting (repeatable), e.g. FLOWIE_MAX_QUEUE=16")
@@ -229,12 +231,17 @@ def run_capacity(args: argparse.Namespace, url: str, config: MixConfig, tasks: l
         records_now = read_records(records_path)
         row = step_stats(records_now, result.step, result.rate, result.duration_s, slo_ms)
         ends = [r.t + r.ms / 1000 for r in records_now if r.step == result.step]
+        # answers counted for the step: those done by its end + the first (least loaded) step's p95 latency,
+        # so that the requests that arrive at the very end are not taken for a backlog
+        allowance_s = max(0.5, ((step_rows[0] if step_rows else row)["p95_ms"] or 0) / 1000)
         in_window = sum(1 for r in records_now if r.step == result.step and r.status == 200
-                        and r.t + r.ms / 1000 <= result.end_wall)
+                        and r.t + r.ms / 1000 <= result.end_wall + allowance_s)
         row.update(client_saturated=result.client_saturated, unfinished=result.unfinished,
-                   offered_per_s=row["sent"] / result.duration_s,
+                   offered_per_s=row["sent"] / result.duration_s, done_allowance_s=allowance_s,
                    done_in_step_per_s=in_window / result.duration_s,
                    backlog_s=max(0.0, max(ends) - result.end_wall) if ends else 0.0)
+        # informational: the service no longer keeps up when the step's answers fall below 90 % of its arrivals
+        row["saturated"] = bool(row["sent"]) and row["done_in_step_per_s"] < 0.9 * row["offered_per_s"]
         if result.unfinished or result.client_saturated:
             row["slo_ok"] = False
         reasons = []
@@ -272,6 +279,7 @@ def run_capacity(args: argparse.Namespace, url: str, config: MixConfig, tasks: l
     failing = [r for r in step_rows if not r["slo_ok"]]
     knee = passing[-1] if passing and (not failing or failing[0]["step"] > passing[-1]["step"]) else None
     first_fail = failing[0] if failing else None
+    saturated = next((r for r in step_rows if r.get("saturated")), None)
     if knee and first_fail:
         text = (f"between {knee['rate']:g}/s (last rate within the SLO: p99 {knee['p99_ms']:.0f} ms, "
                 f"{knee['ok_per_s']:.2f} images/s) and {first_fail['rate']:g}/s ({first_fail['verdict']})")
@@ -281,12 +289,17 @@ def run_capacity(args: argparse.Namespace, url: str, config: MixConfig, tasks: l
         text = f"below the first rate {first_fail['rate']:g}/s ({first_fail['verdict']}); lower --rate-start"
     else:
         text = "no steps ran"
+    if saturated:
+        text += (f"; throughput stopped following the arrivals (answers by the step's end < 90 % of arrivals) "
+                 f"first at {saturated['rate']:g}/s ({saturated['done_in_step_per_s']:.2f} of "
+                 f"{saturated['offered_per_s']:.2f}/s)")
     return {"generator": "open-loop asyncio + httpx (load_lib/openloop.py)", "records": str(records_path),
             "capacity": {"rates": rates, "step_s": args.step_s, "slo_p99_s": args.slo_p99_s,
                          "max_in_flight": args.max_in_flight, "steps": step_rows,
                          "knee_rate": knee["rate"] if knee else None,
                          "knee_images_per_s": knee["ok_per_s"] if knee else None,
                          "first_failing_rate": first_fail["rate"] if first_fail else None, "knee_text": text,
+                         "first_saturated_rate": saturated["rate"] if saturated else None,
                          "step_starts_s": {str(k): v for k, v in step_starts.items()}}}
 
 
@@ -308,9 +321,10 @@ def run_hop(args: argparse.Namespace, url: str, config: MixConfig, tasks: list[s
     breakdown = rep.timing_breakdown(read_records(records_path))
     ms = breakdown["ms"]
     hop: dict[str, Any] = {"spec": spec.context(), "requests": args.requests,
-                           "server_overhead_ms_p50": _diff(ms["server_total"]["p50"], ms["compute"]["p50"])}
+                           "server_overhead_ms_p50": ms["server_overhead"]["p50"]}
     hop["server_side_ms"] = {k: {"p50": ms[k]["p50"], "p95": ms[k]["p95"]} for k in
-                             ("e2e", "http", "queue", "compute", "post", "overhead", "server_total")}
+                             ("e2e", "http", "queue", "compute", "post", "server_overhead", "overhead",
+                              "server_total")}
     text = [f"{args.requests} sequential `{spec.sampler}` requests of {spec.width}x{spec.height} (min_side "
             f"{spec.min_side}); p50 ms: end to end {rep._f(ms['e2e']['p50'], 2)}, HTTP {rep._f(ms['http']['p50'], 2)}, "
             f"queue {rep._f(ms['queue']['p50'], 2)}, compute {rep._f(ms['compute']['p50'], 2)}, post "
@@ -320,13 +334,16 @@ def run_hop(args: argparse.Namespace, url: str, config: MixConfig, tasks: list[s
         bms = base["server_timing"]["ms"]
         queue_d = _diff(ms["queue"]["p50"], bms["queue"]["p50"])
         post_d = _diff(ms["post"]["p50"], bms["post"]["p50"])
-        over_d = _diff(_diff(ms["server_total"]["p50"], ms["compute"]["p50"]),
-                       _diff(bms["server_total"]["p50"], bms["compute"]["p50"]))
+        # p50 of each run's per-request (server total - compute): everything server-side but the model
+        base_over = (bms.get("server_overhead") or {}).get("p50")
+        if base_over is None:  # a baseline written before the field existed
+            base_over = _diff(bms["server_total"]["p50"], bms["compute"]["p50"])
+        over_d = _diff(ms["server_overhead"]["p50"], base_over)
         hop["from_headers"] = {"baseline": args.baseline, "baseline_mode": base.get("service", {}).get("mode"),
                                "pickup_ms_p50": queue_d, "wakeup_ms_p50": post_d, "hop_ms_p50": over_d,
                                "goal_ms": 2.0}
         text.append(f"Against the baseline ({args.baseline}): queue +{rep._f(queue_d, 2)} ms (enqueue → pickup), "
-                    f"post +{rep._f(post_d, 2)} ms (result → wake-up); p50(total − compute) differs by "
+                    f"post +{rep._f(post_d, 2)} ms (result → wake-up); the p50 of (server total − compute) differs by "
                     f"{rep._f(over_d, 2)} ms = the Redis hop estimate (goal ≤ 2 ms).")
     if redis_url and args.direct > 0:
         from load_lib import hop as direct_hop
@@ -406,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"[run_load] starting {args.start} ...", flush=True)
             service = start_service(args.start, out / "service", models=args.model, workers=args.workers,
-                                    threads=args.threads, settings=settings, ready_timeout_s=args.ready_timeout_s)
+                                    threads=args.threads, settings=settings, ready_timeout_s=args.ready_timeout_s,
+                                    redis_hz=args.redis_hz)
             url = service.url
             metrics_urls = service.metrics_urls + args.metrics_url
             service_info = {**service.describe(), "workers": args.workers if args.start == "redis" else 1,

@@ -381,6 +381,8 @@ class Trainer:
 
     def train_phase(self, phase: str, start: int, optim_state: dict | None) -> None:
         pc = self.cfg.phases[phase]
+        hist = self.history.setdefault(phase, {"steps": 0, "seconds": 0.0, "first": None, "last": None})
+        started = time.perf_counter()  # the phase's time includes its set-up (the flow bank)
         if phase in ("cond_encoder", "flow"):
             self._after_vae()
         if phase == "cond_encoder" and start == 0:
@@ -399,9 +401,7 @@ class Trainer:
             opt.load_state_dict(optim_state)
         loss_fn = {"swinir": self.swinir_loss, "vae": self.vae_loss, "cond_encoder": self.cond_loss,
                    "flow": self.flow_loss}[phase]
-        hist = self.history.setdefault(phase, {"steps": 0, "seconds": 0.0, "first": None, "last": None})
         ema: dict[str, float] = dict(hist.get("ema") or {})
-        started = time.perf_counter()
         for step in range(start, pc.steps):
             for group in opt.param_groups:
                 group["lr"] = self._lr(pc, step)
@@ -556,9 +556,21 @@ class Trainer:
                   "sha256": digest.hexdigest()}
         meta = model_meta(self.spec(), tuple(self.null_context.shape), source)
         meta["defaults"].update(self.cfg.defaults)
+        meta["tiling"] = self.tiling()
         meta["card"] = self.model_card(card_extra)
         write_model_json(out, meta)
         return out
+
+    def tiling(self) -> dict:
+        """Latent tiles the size of the flow's training crops, as the official model tiles at its 512 px.
+
+        The UNet's self-attention and its 32-group norms (one channel per group at 32 channels)
+        see whole tiles; on maps much larger than the training crops their statistics differ
+        and the velocity degrades, so larger images run in overlapping tiles of that size.
+        """
+        crop = self.phase_config("flow").crop
+        tile = max(8, crop // 8)
+        return {"latent_tile": tile, "latent_stride": max(1, tile * 3 // 4), "max_untiled_pixels": crop * crop}
 
     def model_card(self, extra: dict | None = None) -> dict:
         cfg = self.cfg
@@ -586,9 +598,9 @@ class Trainer:
             },
             "null_context": {"shape": list(self.null_context.shape), "how": f"torch.randn with seed {cfg.seed + 77}",
                              "why": "the demo has no text encoder; the constant context stands in for the null prompt"},
-            "training": {"seed": cfg.seed, "threads": cfg.threads, "device": cfg.device, "torch": torch.__version__,
-                         "machine": platform.machine(), "phases": phases,
-                         "total_seconds": round(sum(p["seconds"] for p in phases.values()), 1)},
+            "training": {"seed": cfg.seed, "threads": cfg.threads, "workers": cfg.workers, "device": cfg.device,
+                         "torch": torch.__version__, "machine": platform.machine(), "phases": phases,
+                         "wall_seconds": round(_wall_seconds(phases, parallel=cfg.workers > 1), 1)},
             "scale_factor": self.scale_factor,
         }
         if extra:
@@ -662,6 +674,14 @@ def _phase_worker(cfg: TrainConfig, phase: str, resume: bool, threads: int, posi
         bar.update(step - bar.n)
         trainer.train_phase(phase, step, optim_state)
     bar.close()
+
+
+def _wall_seconds(phases: dict[str, dict], parallel: bool) -> float:
+    """Training wall-clock: with workers > 1 stage 1 and the VAE overlap, so only the longer counts."""
+    seconds = {p: float(v["seconds"]) for p, v in phases.items()}
+    if parallel and "swinir" in seconds and "vae" in seconds:
+        return sum(seconds.values()) - min(seconds["swinir"], seconds["vae"])
+    return sum(seconds.values())
 
 
 def _split_note(images: str) -> str:

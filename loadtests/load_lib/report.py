@@ -105,7 +105,7 @@ def timing_breakdown(records: list[Record]) -> dict[str, Any]:
             {"queue", "compute", "total"} <= set(r.st)]
     e2e = [r.ms for r in rows]
     parts: dict[str, list[float]] = {"e2e": e2e, "server_total": [], "http": [], "queue": [], "compute": [],
-                                     "post": [], "overhead": [], "overhead_share": []}
+                                     "post": [], "server_overhead": [], "overhead": [], "overhead_share": []}
     for r in rows:
         total, queue, compute = r.st["total"], r.st["queue"], r.st["compute"]
         parts["server_total"].append(total)
@@ -113,6 +113,7 @@ def timing_breakdown(records: list[Record]) -> dict[str, Any]:
         parts["queue"].append(queue)
         parts["compute"].append(compute)
         parts["post"].append(total - queue - compute)
+        parts["server_overhead"].append(total - compute)
         parts["overhead"].append(r.ms - compute)
         parts["overhead_share"].append((r.ms - compute) / r.ms if r.ms > 0 else 0.0)
     out: dict[str, Any] = {"n": len(rows), "ms": {k: dist(v) for k, v in parts.items() if k != "overhead_share"}}
@@ -289,8 +290,9 @@ def plot_capacity(steps: list[dict[str, Any]], path: Path, title: str, slo_p99_s
 
     fig, ax = plt.subplots(figsize=(8, 5))
     rates = [s["rate"] for s in steps]
-    for key, style, label in (("p50_ms", "o-", "p50"), ("p95_ms", "s--", "p95"), ("p99_ms", "^-", "p99")):
-        ax.plot(rates, [(s[key] or math.nan) / 1000 for s in steps], style, label=f"latency {label}")
+    for key, style, label, color in (("p50_ms", "o-", "p50", "tab:blue"), ("p95_ms", "s--", "p95", "tab:orange"),
+                                     ("p99_ms", "^-", "p99", "tab:purple")):
+        ax.plot(rates, [(s[key] or math.nan) / 1000 for s in steps], style, color=color, label=f"latency {label}")
     ax.axhline(slo_p99_s, color="red", lw=1, ls=":", label=f"SLO p99 = {slo_p99_s:g} s")
     ax.set_xlabel("offered arrival rate (requests / s, Poisson)")
     ax.set_ylabel("latency (s)")
@@ -298,7 +300,7 @@ def plot_capacity(steps: list[dict[str, Any]], path: Path, title: str, slo_p99_s
     ax.grid(True, which="both", alpha=0.3)
     ax2 = ax.twinx()
     ax2.plot(rates, [s.get("done_in_step_per_s") or 0 for s in steps], "d-", color="tab:green",
-             label="200s completed in the step / s")
+             label="200s answered by the step's end / s")
     ax2.plot(rates, [s["rejected_429"] / max(s["duration_s"], 1e-9) for s in steps], "x-", color="tab:red",
              label="429 / s")
     ax2.set_ylabel("per second")
@@ -377,7 +379,8 @@ def markdown(report: dict[str, Any]) -> str:
                   "| part | p50 | p95 | p99 | mean |", "|---|---|---|---|---|"]
         for key, label in (("e2e", "end to end (client)"), ("http", "HTTP (client − server total)"),
                            ("queue", "queue (handler start → compute start)"), ("compute", "compute (batch)"),
-                           ("post", "post (result → answer)"), ("overhead", "overhead = end to end − compute")):
+                           ("post", "post (result → answer)"), ("server_overhead", "server total − compute"),
+                           ("overhead", "overhead = end to end − compute")):
             d = ms[key]
             lines.append(f"| {label} | {_f(d['p50'])} | {_f(d['p95'])} | {_f(d['p99'])} | {_f(d['mean'])} |")
         lines += ["", f"Overhead share at p50: p50(overhead)/p50(e2e) = {_f(share['ratio_of_p50s'], 1, 100, ' %')}; "
@@ -408,14 +411,16 @@ def markdown(report: dict[str, Any]) -> str:
     if cap:
         lines += ["## Capacity search (open loop, Poisson arrivals, sync requests)", "",
                   f"SLO: p99 ≤ {cap['slo_p99_s']:g} s and no 429; step {cap['step_s']:g} s.", "",
-                  "`sent/s` = arrivals actually drawn (Poisson); `done/s` = 200s completed inside the step; "
-                  "`backlog s` = how long after the step its last answer came (a queue that grew).", "",
-                  "| rate/s | sent/s | done/s | p50 ms | p95 ms | p99 ms | backlog s | 429 | 5xx | other err | client-saturated | unfinished | verdict |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "`sent/s` = arrivals actually drawn (Poisson); `done/s` = 200s completed by the step's end "
+                  "(+ the first step's p95 latency, so the last arrivals count); "
+                  "`backlog s` = how long after the step its last answer came (a queue that grew); `sat.` = "
+                  "done/s < 90 % of sent/s (the service stopped keeping up; informational, the verdict is the SLO's).", "",
+                  "| rate/s | sent/s | done/s | p50 ms | p95 ms | p99 ms | backlog s | sat. | 429 | 5xx | other err | client-saturated | unfinished | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in cap["steps"]:
             lines.append(f"| {s['rate']:g} | {_f(s.get('offered_per_s'), 2)} | {_f(s.get('done_in_step_per_s'), 2)} | "
                          f"{_f(s['p50_ms'], 0)} | {_f(s['p95_ms'], 0)} | "
-                         f"{_f(s['p99_ms'], 0)} | {_f(s.get('backlog_s'), 1)} | {s['rejected_429']} | {s['server_errors']} | "
+                         f"{_f(s['p99_ms'], 0)} | {_f(s.get('backlog_s'), 1)} | {'yes' if s.get('saturated') else 'no'} | {s['rejected_429']} | {s['server_errors']} | "
                          f"{s['other_errors']} | "
                          f"{s['client_saturated']} | {s['unfinished']} | {s['verdict']} |")
         lines += ["", f"**Knee**: {cap['knee_text']}", ""]

@@ -80,10 +80,12 @@ class Service:
     logdir: Path
     settings: dict[str, str]
     redis_url: str = ""
+    redis_hz: int | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         return {"mode": self.mode, "url": self.url, "metrics_urls": self.metrics_urls, "redis_url": self.redis_url,
+                "redis_hz": self.redis_hz,
                 "settings": self.settings, "pids": {k: p.pid for k, p in self.processes.items()},
                 "logs": str(self.logdir)}
 
@@ -122,8 +124,14 @@ class Service:
 
 
 def start_service(mode: str, logdir: Path, *, models: list[str], workers: int = 2, threads: int = 1,
-                  settings: dict[str, str] | None = None, ready_timeout_s: float = 180.0) -> Service:
-    """Start `flowie serve` (mode "serve") or redis-server + `flowie api` + workers (mode "redis")."""
+                  settings: dict[str, str] | None = None, ready_timeout_s: float = 180.0,
+                  redis_hz: int | None = None) -> Service:
+    """Start `flowie serve` (mode "serve") or redis-server + `flowie api` + workers (mode "redis").
+
+    ``redis_hz``: redis-server's ``hz`` (None = its default, 10). Redis ends blocking commands that
+    time out (XREADGROUP BLOCK, BLPOP) only on its timer tick, every 1000/hz ms: at hz 10 a
+    9 ms BLOCK lasts about 100 ms (measured with Redis 7.0), which stretches the worker's batching window.
+    """
     logdir.mkdir(parents=True, exist_ok=True)
     settings = dict(settings or {})
     for key in settings:
@@ -158,12 +166,14 @@ def start_service(mode: str, logdir: Path, *, models: list[str], workers: int = 
     metrics_ports = [free_port() for _ in range(workers)]
     service = Service(mode, url, [f"{url}/metrics"] + [f"http://127.0.0.1:{p}/metrics" for p in metrics_ports],
                       logdir, settings, redis_url=settings["FLOWIE_REDIS_URL"])
+    service.redis_hz = redis_hz or 10
     try:
         with open(logdir / "redis.log", "ab") as log:
             service.processes["redis"] = subprocess.Popen(
                 [binary, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
                  "--appendfsync", "everysec", "--dir", str(redis_dir), "--protected-mode", "no",
-                 "--loglevel", "warning"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                 "--loglevel", "warning", *(["--hz", str(redis_hz)] if redis_hz else [])],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         _wait_redis(redis_port, service)
         service.processes["api"] = _flowie(["api", "--port", str(port)], logdir / "api.log", _env(threads, settings))
         for i, metrics_port in enumerate(metrics_ports):

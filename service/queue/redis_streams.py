@@ -60,6 +60,9 @@ log = logging.getLogger("flowie.service.queue")
 GROUP = "workers"
 REPLY_TTL_MS = 600_000
 DEAD_LETTER_MAXLEN = 10_000
+# Waits shorter than this (the batching window) are polled instead of a blocking XREADGROUP.
+SHORT_WAIT_S = 0.2
+SHORT_POLL_S = 0.002
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
 
 _SUBMIT = """
@@ -369,10 +372,21 @@ class RedisJobQueue(JobQueue):
         await self._ensure_groups(tasks)
         streams = {self.stream_key(t): ">" for t in tasks}
         by_stream = {self.stream_key(t): t for t in tasks}
-        block_ms = max(1, int(timeout_s * 1000))
         try:
-            response = await self._call(self._redis.xreadgroup(
-                GROUP, worker_id, streams, count=max_n, block=block_ms))
+            if timeout_s >= SHORT_WAIT_S:
+                response = await self._call(self._redis.xreadgroup(
+                    GROUP, worker_id, streams, count=max_n, block=max(1, int(timeout_s * 1000))))
+            else:
+                # Redis ends a timed-out BLOCK only on its timer tick (every 1000/hz ms: 100 ms at the
+                # default hz 10), which would stretch a 10 ms batching window to up to 110 ms. Short
+                # windows are therefore polled here with non-blocking reads.
+                deadline = time.monotonic() + timeout_s
+                while True:
+                    response = await self._call(self._redis.xreadgroup(GROUP, worker_id, streams, count=max_n))
+                    left = deadline - time.monotonic()
+                    if any(entries for _, entries in response or []) or left <= 0:
+                        break
+                    await asyncio.sleep(min(SHORT_POLL_S, left))
         except ResponseError as exc:
             if "NOGROUP" in str(exc):  # Redis came back without our groups (no persistence)
                 await self._ensure_groups(tasks, force=True)
