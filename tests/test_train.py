@@ -51,7 +51,8 @@ def test_flowie_train_writes_a_model_directory_the_pipeline_loads(images, tmp_pa
 
     out = tmp_path / "model"
     argv = ["train", "--images", str(images), "--out", str(out), "--arch", "tiny", "--steps", "2", "--batch", "2",
-            "--crop", "64", "--threads", "2", "--workers", "2", "--min-side", "0", "--work-scale", "1,1.5"]
+            "--crop", "64", "--threads", "2", "--workers", "2", "--min-side", "0", "--work-scale", "1,1.5",
+            "--flow-bank", "8"]
     assert main(argv) == 0
     info = read_model_dir(out)
     assert info.defaults["min_side"] == 0 and info.defaults["sampler"] == "mean_value"
@@ -76,7 +77,7 @@ def test_each_phase_lowers_its_loss(images, tmp_path):
     def recorder(phase, loss_fn):
         def fn(step):
             out = loss_fn(step)
-            per_step[phase].append(float(out["loss"]))
+            per_step[phase].append(float(out["loss"].detach()))
             return out
         return fn
 

@@ -75,10 +75,11 @@ class PhaseConfig:
 
 def _default_phases() -> dict[str, PhaseConfig]:
     return {
-        "swinir": PhaseConfig(steps=2400, batch=8, crop=64, lr=5e-4),
-        "vae": PhaseConfig(steps=1600, batch=8, crop=64, lr=1e-3),
-        "cond_encoder": PhaseConfig(steps=300, batch=8, crop=64, lr=2e-4),
-        "flow": PhaseConfig(steps=1500, batch=16, crop=64, lr=4e-4),
+        # The demo model's recipe (docs/DEMO_MODEL.md).
+        "swinir": PhaseConfig(steps=2400, batch=8, crop=64, lr=8e-4),
+        "vae": PhaseConfig(steps=1100, batch=8, crop=64, lr=1e-3),
+        "cond_encoder": PhaseConfig(steps=200, batch=8, crop=64, lr=2e-4),
+        "flow": PhaseConfig(steps=1500, batch=8, crop=128, lr=4e-4),
     }
 
 
@@ -118,14 +119,14 @@ class TrainConfig:
     flow_bank: int = 0  # >0: precompute the frozen stages for this many crops, then train on them
     # Range of the extra upscale f the service applies before the networks (min_side): crops are
     # degraded at native scale and shown to the networks f times larger, as served.
-    work_scale: tuple[float, float] = (1.0, 2.5)
+    work_scale: tuple[float, float] = (1.0, 3.0)
     checkpoint_every: int = 200
     threads: int = 2
     workers: int = 1  # 2: train stage 1 and the VAE in parallel processes
     data_workers: int = 0  # >0: processes that make the degraded crops ahead of the training loop
     device: str = "cpu"
     name: str = "flowie-demo"
-    defaults: dict = field(default_factory=lambda: {"min_side": 768})  # overrides of model.json defaults
+    defaults: dict = field(default_factory=lambda: {"min_side": 1024})  # overrides of model.json defaults
     ranges: DegradationRanges = field(default_factory=DegradationRanges)
 
     @property

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "coffee and rocket held out); default skimage")
     parser.add_argument("--out", required=True, help="model directory to write (safetensors + model.json)")
     parser.add_argument("--steps", default=None,
-                        help=f"steps per phase: N for every phase or e.g. 'swinir=2000,vae=1500,cond_encoder=300,flow=1500' "
+                        help=f"steps per phase: N for every phase or e.g. 'swinir=2400,vae=1100,cond_encoder=200,flow=1500' (the default) "
                              f"(phases: {PHASE_HELP}; 0 skips a phase's training)")
     parser.add_argument("--batch", default=None, help="batch size: N or per phase, like --steps")
     parser.add_argument("--crop", default=None, help="crop size in pixels (multiple of 64): N or per phase")
@@ -47,14 +47,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-rank", type=int, default=0,
                         help="train LoRA factors of this rank + the ControlNet on a frozen base UNet (needs --init-unet)")
     parser.add_argument("--init-unet", default=None, help="flow_unet.safetensors whose UNet starts the flow phase")
-    parser.add_argument("--flow-bank", type=int, default=0,
-                        help="precompute SwinIR/VAE latents for this many crops and train the flow on them (faster)")
-    parser.add_argument("--min-side", type=int, default=768,
+    parser.add_argument("--flow-bank", type=int, default=1536,
+                        help="precompute SwinIR/VAE latents for this many crops and train the flow on them "
+                             "(faster; default 1536; 0: compute them for every step)")
+    parser.add_argument("--min-side", type=int, default=1024,
                         help="min_side default written into model.json: the service upscales inputs so the short "
-                             "side is >= this before the networks (default 768; 0 disables)")
-    parser.add_argument("--work-scale", default="1,2.5",
+                             "side is >= this before the networks (default 1024; 0 disables)")
+    parser.add_argument("--work-scale", default="1,3",
                         help="range LO,HI of that extra upscale to train for: crops are degraded at native scale and "
-                             "shown LO..HI times larger (default 1,2.5; '1,1' = native only)")
+                             "shown LO..HI times larger (default 1,3; '1,1' = native only)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--workers", type=int, default=1, choices=[1, 2],
                         help="2: train SwinIR and the VAE at the same time in two processes (threads split between them)")
