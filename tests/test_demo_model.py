@@ -23,7 +23,11 @@ def _held_out_crop(size: int = 128) -> np.ndarray:
     from flowie.train.data import SKIMAGE_HOLDOUT
 
     assert "coffee" in SKIMAGE_HOLDOUT, "this test must use an image the demo never trained on"
-    img = skdata.coffee()  # held out: never seen in training
+    # The service lowers Pillow's process-wide bomb limit (service.imaging.tighten_bomb_guard) and
+    # tests that build the app leave it lowered; reading a 600x400 picture is no bomb.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Image, "MAX_IMAGE_PIXELS", 1 << 28)
+        img = skdata.coffee()  # held out: never seen in training
     y, x = 140, 260  # the cup's rim and saucer: edges and texture
     return np.ascontiguousarray(img[y : y + size, x : x + size])
 

@@ -15,6 +15,12 @@ from flowie import metrics
 from flowie.train.data import NamedImage
 
 
+@pytest.fixture(autouse=True)
+def _pillow_default_bomb_limit(monkeypatch):
+    """Tests that build the service app leave Pillow's process-wide limit lowered; grids are no bombs."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1 << 28)
+
+
 def _clean(size: int = 128, seed: int = 0) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     img = np.stack([np.sin(xx / 7) * 0.4 + 0.5, yy / size, np.cos((xx - yy) / 11) * 0.4 + 0.5], -1)
