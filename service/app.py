@@ -465,19 +465,26 @@ def create_app(settings: Settings, queue: JobQueue, models: dict[str, ModelInfo]
             return JSONResponse(body.model_dump(), headers=headers)
         return Response(content=result.image, media_type=result.media_type, headers=headers)
 
+    async def _finished(job_id: str) -> tuple[Response | None, Any]:
+        """(202 response, None) while a job runs, (None, its stored result) once it has finished."""
+        state = await queue.state(job_id)
+        if state is None:
+            raise problems.NotFound(f"no job {job_id} (unknown, or its result expired)")
+        if state not in TERMINAL_STATES:
+            return _accepted(job_id, "", state, {}), None
+        result = await queue.result(job_id)
+        if result is None:
+            raise problems.NotFound(f"the result of job {job_id} is gone")
+        return None, result
+
     @app.get("/jobs/{job_id}", dependencies=secured, summary="Where a job is", response_model=JobStatus,
              responses={202: {"description": "queued or running", "model": JobStatus},
                         404: problem_response("unknown or expired job id")})
     async def job_status(request: Request, job_id: JobId) -> Response:
         request.state.job_id = job_id
-        state = await queue.state(job_id)
-        if state is None:
-            raise problems.NotFound(f"no job {job_id} (unknown, or its result expired)")
-        if state not in TERMINAL_STATES:
-            return _accepted(job_id, "", state, {})
-        result = await queue.result(job_id)
-        if result is None:
-            raise problems.NotFound(f"the result of job {job_id} is gone")
+        pending, result = await _finished(job_id)
+        if pending is not None:
+            return pending
         if result.state != "done":
             raise _problem_from_result(result)
         request.state.seed = result.seed
@@ -494,14 +501,9 @@ def create_app(settings: Settings, queue: JobQueue, models: dict[str, ModelInfo]
                          accept: Annotated[str | None, Header()] = None) -> Response:
         request.state.job_id = job_id
         started = time.perf_counter()
-        state = await queue.state(job_id)
-        if state is None:
-            raise problems.NotFound(f"no job {job_id} (unknown, or its result expired)")
-        if state not in TERMINAL_STATES:
-            return _accepted(job_id, "", state, {})
-        result = await queue.result(job_id)
-        if result is None:
-            raise problems.NotFound(f"the result of job {job_id} is gone")
+        pending, result = await _finished(job_id)
+        if pending is not None:
+            return pending
         request.state.seed = result.seed
         return _result_response(result, accept, time.perf_counter() - started)
 
