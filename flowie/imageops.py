@@ -76,7 +76,7 @@ def images_to_tensor(images: list[np.ndarray], device: torch.device | str | None
     return x.permute(0, 3, 1, 2)
 
 
-def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
+def tensor_to_uint8(x: torch.Tensor, band_pixels: int = 1 << 19) -> np.ndarray:
     """Float [N, C, H, W] (nominally [0, 1]) -> uint8 [N, H, W, C], by truncation.
 
     Exactly the official ``(x.clamp(0, 1) NHWC * 255).cpu().numpy().astype(uint8)``: the
@@ -84,12 +84,21 @@ def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
     Keep it that way: the reference outputs were made like this. Half-precision input is
     promoted to float32 first so fp16 engines quantise like the fp32 reference. NaN maps to 0
     (the cast of NaN is otherwise undefined); no finite value is affected by that.
+
+    Converted in row bands of about ``band_pixels`` pixels per image, straight into the uint8
+    result, so the float temporaries (the copy, the clamp, the product) are band-sized instead
+    of three float32 images. Every element goes through the same operations either way.
     """
     if x.ndim != 4:
         raise ValueError(f"expected an NCHW tensor, got shape {tuple(x.shape)}")
-    x = torch.nan_to_num(x.detach().to(torch.float32), nan=0.0)
-    scaled = x.clamp(0, 1).permute(0, 2, 3, 1) * 255
-    return scaled.cpu().numpy().astype(np.uint8)
+    n, c, h, w = x.shape
+    out = np.empty((n, h, w, c), dtype=np.uint8)
+    rows = max(1, band_pixels // max(w, 1))
+    for top in range(0, h, rows):
+        band = torch.nan_to_num(x[:, :, top:top + rows].detach().to(torch.float32), nan=0.0)
+        scaled = band.clamp_(0, 1).permute(0, 2, 3, 1) * 255
+        out[:, top:top + rows] = scaled.cpu().numpy().astype(np.uint8)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from flowie import imageops, samplers, tiling
-from flowie.colorfix import color_fix
+from flowie.colorfix import color_fix_
 from flowie.modeldir import ModelInfo, read_model_dir
 from flowie.params import EnhanceParams
 
@@ -178,8 +178,15 @@ class Pipeline:
         latent = self._timed("flow_unet", timings, lambda: self._sample(velocity, x_T, p, on_step))
         decoded = self._timed("vae_decoder", timings,
                               lambda: self._latent_to_pixels(self.stages["vae_decoder"], latent, tiled))
-        image = self._timed("colour_fix", timings, lambda: color_fix(p.color_fix, decoded, restored))
+        image = self._timed("colour_fix", timings, lambda: self._color_fix_in_place(p.color_fix, decoded, restored))
         return BatchOutput(image=image, restored=restored, latent=latent, timings=timings)
+
+    @staticmethod
+    @torch.inference_mode()  # a torch stage's output is an inference tensor: only written to in this mode
+    def _color_fix_in_place(kind: str, decoded: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
+        # ``decoded`` is a fresh buffer of this batch (a stage's output or the tile accumulator)
+        # and nothing reads it afterwards, so fixing it in place adds no image-sized buffer.
+        return color_fix_(kind, decoded, restored)
 
     def _sample(self, velocity, x_T, p: EnhanceParams, on_step) -> torch.Tensor:
         cfg = self.sampler_config

@@ -129,7 +129,7 @@ def tiled_apply(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
 
     When one tile covers the input, returns ``fn(*inputs)`` itself (one call, no blending).
     Extra memory: the output buffer (float32 when fn returns fp16/bf16, for an accurate sum),
-    a [1, 1, H*scale, W*scale] weight buffer, and one tile's inputs and output.
+    two 1-D weight sums (see :func:`summed_weights`), and one tile's inputs and output.
     """
     if len(inputs) == 0:
         raise ValueError("tiled_apply needs at least one input")
@@ -162,7 +162,6 @@ def tiled_apply(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
     overlaps_h, overlaps_w = _overlaps(starts_h, tile_h), _overlaps(starts_w, tile_w)
 
     acc: torch.Tensor | None = None
-    weight_sum: torch.Tensor | None = None
     out_dtype: torch.dtype | None = None
     weights: dict[tuple[int, int, int, int], torch.Tensor] = {}
     done = 0
@@ -177,8 +176,6 @@ def tiled_apply(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
                 out_dtype = out.dtype
                 acc_dtype = torch.float32 if out.dtype in (torch.float16, torch.bfloat16) else out.dtype
                 acc = torch.zeros((out.shape[0], out.shape[1], out_h, out_w), dtype=acc_dtype, device=out.device)
-                weight_sum = torch.zeros((1, 1, out_h, out_w), dtype=acc_dtype, device=out.device)
-            assert weight_sum is not None
             ramp = (_scaled(top, scale, "tile overlap"), _scaled(bottom, scale, "tile overlap"),
                     _scaled(left, scale, "tile overlap"), _scaled(right, scale, "tile overlap"))
             if ramp not in weights:
@@ -187,15 +184,44 @@ def tiled_apply(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
             weight = weights[ramp]
             oy, ox = _scaled(y0, scale, "tile start"), _scaled(x0, scale, "tile start")
             acc[:, :, oy:oy + out_tile_h, ox:ox + out_tile_w].addcmul_(out.to(acc.dtype), weight)
-            weight_sum[:, :, oy:oy + out_tile_h, ox:ox + out_tile_w] += weight
             del out, tiles
             done += 1
             if progress is not None:
                 progress(done, total)
 
-    assert acc is not None and weight_sum is not None and out_dtype is not None
-    acc.div_(weight_sum)
+    assert acc is not None and out_dtype is not None
+    # The summed weights factor into rows x cols (see summed_weights): divide by each in place.
+    rows, cols = summed_weights(starts_h, starts_w, tile_h, tile_w, scale)
+    acc.div_(rows.to(acc.device, acc.dtype).view(1, 1, -1, 1)).div_(cols.to(acc.device, acc.dtype).view(1, 1, 1, -1))
     return acc.to(out_dtype)
+
+
+def summed_weights(starts_h: list[int], starts_w: list[int], tile_h: int, tile_w: int, scale: float = 1.0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed blend weights of a tile grid as two float64 vectors: rows [H*scale], cols [W*scale].
+
+    Tile (i, j)'s weight (:func:`blend_weights`) is the outer product of a row ramp that depends
+    only on the grid row (its top and bottom overlaps) and a column ramp that depends only on the
+    grid column, and the tiles form a product grid, so the sum over all tiles factors:
+    sum_ij row_i(y) col_j(x) = (sum_i row_i(y)) (sum_j col_j(x)). The image-sized sum is
+    ``rows[:, None] * cols[None, :]``, but it is never built: that would be a buffer of a third
+    of the output image (RGB float32) per tiled stage.
+    """
+    def summed(starts: list[int], size: int, axis: int) -> torch.Tensor:
+        out_size = _scaled(size, scale, "tile size")
+        total = torch.zeros(_scaled(starts[-1], scale, "tile start") + out_size, dtype=torch.float64)
+        for start, (before, after) in zip(starts, _overlaps(starts, size), strict=True):
+            ramp = (_scaled(before, scale, "tile overlap"), _scaled(after, scale, "tile overlap"))
+            # A one-pixel-wide tile's weight is the one factor along the other axis.
+            if axis == 0:
+                factor = blend_weights(out_size, 1, torch.float64, ramp=(*ramp, 0, 0))
+            else:
+                factor = blend_weights(1, out_size, torch.float64, ramp=(0, 0, *ramp))
+            at = _scaled(start, scale, "tile start")
+            total[at:at + out_size] += factor.view(-1)
+        return total
+
+    return summed(starts_h, tile_h, 0), summed(starts_w, tile_w, 1)
 
 
 def _check_out(out: torch.Tensor, batch: int, h: int, w: int, channels: int | None) -> None:

@@ -245,3 +245,13 @@ def test_crop_tensor_rejects_sizes_larger_than_the_tensor():
         crop_tensor(torch.zeros(1, 1, 8, 8), 9, 8)
     with pytest.raises(ValueError):
         pad_tensor(torch.zeros(1, 1, 8, 8), 0)
+
+
+@pytest.mark.parametrize("band_pixels", [1, 7 * 13, 1000, 1 << 19])
+def test_tensor_to_uint8_in_row_bands_equals_one_pass(band_pixels):
+    x = torch.randn(2, 3, 37, 13, generator=torch.Generator().manual_seed(5)) * 0.6 + 0.5
+    x[1, 2, 30, 4] = float("nan")
+    before = x.clone()
+    one_pass = (torch.nan_to_num(x, nan=0.0).clamp(0, 1).permute(0, 2, 3, 1) * 255).numpy().astype(np.uint8)
+    np.testing.assert_array_equal(tensor_to_uint8(x, band_pixels=band_pixels), one_pass)
+    assert torch.equal(x.nan_to_num(), before.nan_to_num()) and x.isnan().sum() == 1  # input untouched

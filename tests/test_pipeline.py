@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flowie import tiling
+from flowie import colorfix, tiling
 from flowie.params import EnhanceParams, ParamError
 from flowie.pipeline import Pipeline
 
@@ -115,3 +115,18 @@ def test_enhance_without_a_model_says_what_to_do(tmp_path, capsys, monkeypatch, 
     rc = main(["enhance", str(fixture_dir / "inputs" / "lq_0.png"), "-o", str(tmp_path)])
     assert rc == 2
     assert "flowie convert" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["wavelet", "adain"])
+def test_colour_fix_in_place_changes_only_the_decoded_image(pipe, kind):
+    """run_batch fixes the colours in place into the decoded image: the SwinIR output it returns
+    (and reads as the style) stays as it was, and the result is the out-of-place fix's, bit for bit.
+    576 x 128 px, so the tiled paths (tile accumulators) are the buffers written into."""
+    lq_t = torch.rand(1, 3, 576, 128, generator=torch.Generator().manual_seed(4))
+    params = EnhanceParams(sampler="one_step", upscale=1.0, min_side=0, tile="on")
+    raw = pipe.run_batch(lq_t, EnhanceParams(**{**params.__dict__, "color_fix": "none"}), seeds=[7])
+    fixed = pipe.run_batch(lq_t, EnhanceParams(**{**params.__dict__, "color_fix": kind}), seeds=[7])
+    restore_only = pipe.run_batch(lq_t, EnhanceParams(**{**params.__dict__, "sampler": "restore_only"}), seeds=[7])
+    assert torch.equal(fixed.restored, restore_only.image) and torch.equal(raw.restored, restore_only.image)
+    assert fixed.image.data_ptr() != fixed.restored.data_ptr()
+    assert torch.equal(fixed.image, colorfix.color_fix(kind, raw.image, raw.restored))

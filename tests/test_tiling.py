@@ -284,3 +284,58 @@ def test_encoder_like_scale_one_eighth_tiles_blend_without_seam(monkeypatch):
     monkeypatch.setattr(tiling, "blend_weights", _uniform_weights)
     uniform = tiled_apply(_encoder_like, [x], tile=tile, stride=stride, scale=1 / 8)
     assert _seam(uniform, ref, band) > 3 * 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# tiled_apply: separable weight sums (no image-sized weight buffer)
+
+
+def _grid(height: int, width: int, tile: int, stride: int, scale: float):
+    """Per tile: output offsets (oy, ox) and the (top, bottom, left, right) ramp in output pixels."""
+    starts_h, starts_w = tile_starts(height, tile, stride), tile_starts(width, tile, stride)
+    size_h, size_w = min(tile, height), min(tile, width)
+    for y0, (top, bottom) in zip(starts_h, tiling._overlaps(starts_h, size_h), strict=True):
+        for x0, (left, right) in zip(starts_w, tiling._overlaps(starts_w, size_w), strict=True):
+            yield (round(y0 * scale), round(x0 * scale)), tuple(round(v * scale) for v in (top, bottom, left, right))
+
+
+def _two_d_weight_sum(height, width, tile, stride, scale, dtype=torch.float64):
+    """The image-sized sum of every tile's 2-D blend weight, as tiled_apply used to build it."""
+    out_tile_h, out_tile_w = round(min(tile, height) * scale), round(min(tile, width) * scale)
+    total = torch.zeros(round(height * scale), round(width * scale), dtype=dtype)
+    for (oy, ox), ramp in _grid(height, width, tile, stride, scale):
+        total[oy:oy + out_tile_h, ox:ox + out_tile_w] += blend_weights(out_tile_h, out_tile_w, dtype, ramp=ramp)[0, 0]
+    return total
+
+
+@pytest.mark.parametrize("hw, tile, stride, scale", [
+    ((100, 132), 64, 48, 1.0),
+    ((77, 93), 32, 24, 1.0),  # last tiles pulled back: irregular overlaps
+    ((40, 52), 16, 12, 8.0),
+    ((320, 416), 128, 96, 1 / 8),
+    ((40, 200), 64, 48, 1.0),  # one tile row
+    ((1984, 2048), 512, 448, 1.0),  # the pipeline's pixel tiles at 4 MP
+])
+def test_separable_weight_sums_equal_the_two_d_sum(hw, tile, stride, scale):
+    rows, cols = tiling.summed_weights(tile_starts(hw[0], tile, stride), tile_starts(hw[1], tile, stride),
+                                       min(tile, hw[0]), min(tile, hw[1]), scale)
+    torch.testing.assert_close(rows[:, None] * cols[None, :], _two_d_weight_sum(*hw, tile, stride, scale),
+                               rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("fn, hw, tile, stride, scale", [
+    (_box_blur, (100, 132), 64, 48, 1.0),
+    (_decoder_like, (40, 52), 16, 12, 8.0),
+    (_encoder_like, (320, 416), 128, 96, 1 / 8),
+])
+def test_tiled_apply_equals_blending_with_the_two_d_weight_sum(fn, hw, tile, stride, scale):
+    x = torch.rand(2, 3, *hw, generator=torch.Generator().manual_seed(11))
+    out_tile_h, out_tile_w = round(min(tile, hw[0]) * scale), round(min(tile, hw[1]) * scale)
+    acc = torch.zeros(2, 3, round(hw[0] * scale), round(hw[1] * scale))
+    for (oy, ox), ramp in _grid(*hw, tile, stride, scale):
+        y0, x0 = round(oy / scale), round(ox / scale)
+        out = fn(x[:, :, y0:y0 + min(tile, hw[0]), x0:x0 + min(tile, hw[1])])
+        acc[:, :, oy:oy + out_tile_h, ox:ox + out_tile_w] += out * blend_weights(out_tile_h, out_tile_w, ramp=ramp)
+    reference = acc / _two_d_weight_sum(*hw, tile, stride, scale, torch.float32)
+    torch.testing.assert_close(tiled_apply(fn, [x], tile=tile, stride=stride, scale=scale), reference,
+                               rtol=1e-6, atol=1e-7)
