@@ -323,12 +323,13 @@ def run_hop(args: argparse.Namespace, url: str, config: MixConfig, tasks: list[s
     hop: dict[str, Any] = {"spec": spec.context(), "requests": args.requests,
                            "server_overhead_ms_p50": ms["server_overhead"]["p50"]}
     hop["server_side_ms"] = {k: {"p50": ms[k]["p50"], "p95": ms[k]["p95"]} for k in
-                             ("e2e", "http", "queue", "compute", "post", "server_overhead", "overhead",
-                              "server_total")}
+                             ("e2e", "http", "decode", "queue", "pickup", "compute", "post", "notify",
+                              "server_overhead", "overhead", "server_total") if k in ms}
     text = [f"{args.requests} sequential `{spec.sampler}` requests of {spec.width}x{spec.height} (min_side "
             f"{spec.min_side}); p50 ms: end to end {rep._f(ms['e2e']['p50'], 2)}, HTTP {rep._f(ms['http']['p50'], 2)}, "
-            f"queue {rep._f(ms['queue']['p50'], 2)}, compute {rep._f(ms['compute']['p50'], 2)}, post "
-            f"{rep._f(ms['post']['p50'], 2)}."]
+            f"decode {rep._f(ms.get('decode', {}).get('p50'), 2)}, queue {rep._f(ms['queue']['p50'], 2)} (pickup "
+            f"{rep._f(ms.get('pickup', {}).get('p50'), 2)}), compute {rep._f(ms['compute']['p50'], 2)}, post "
+            f"{rep._f(ms['post']['p50'], 2)} (notify {rep._f(ms.get('notify', {}).get('p50'), 2)})."]
     if args.baseline:
         base = json.loads(Path(args.baseline).read_text())
         bms = base["server_timing"]["ms"]

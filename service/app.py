@@ -33,12 +33,14 @@ from flowie.params import COLOR_FIXES, SAMPLERS, TILE_MODES, EnhanceParams
 from service import problems
 from service.auth import ApiKeyAuth
 from service.imaging import (
+    INLINE_DECODE_PIXELS,
     MIN_WORK_SIDE,
     OUTPUT_FORMATS,
     ImageError,
     ImageTooLarge,
     UnsupportedImage,
     decode_image,
+    pixels_to_decode,
     plan_sizes,
     tighten_bomb_guard,
 )
@@ -175,9 +177,24 @@ def _parse_prefer(prefer: str | None) -> tuple[bool, float | None]:
     return respond_async, wait_s
 
 
-def _server_timing(result: JobResult, total_s: float) -> str:
-    return (f"queue;dur={result.queue_s * 1000:.1f}, compute;dur={result.compute_s * 1000:.1f}, "
-            f"total;dur={total_s * 1000:.1f}")
+def _server_timing(result: JobResult, total_s: float, decode_s: float | None = None,
+                   notify_s: float | None = None) -> str:
+    """The Server-Timing header, ms: ``decode`` (handler start -> admission: reading, parsing and
+    decoding the upload), ``queue`` (admission -> compute start; ``pickup`` is its first part:
+    admission -> a worker received the job), ``compute`` (the job's batch), ``notify`` (result
+    ready in the worker -> the handler has it), ``total`` (handler start -> answer). Entries this
+    answer cannot know are left out (a GET of an async job's result has no decode or notify)."""
+    parts = []
+    if decode_s is not None:
+        parts.append(f"decode;dur={decode_s * 1000:.2f}")
+    parts.append(f"queue;dur={result.queue_s * 1000:.2f}")
+    if result.pickup_s > 0:
+        parts.append(f"pickup;dur={result.pickup_s * 1000:.2f}")
+    parts.append(f"compute;dur={result.compute_s * 1000:.2f}")
+    if notify_s is not None:
+        parts.append(f"notify;dur={notify_s * 1000:.2f}")
+    parts.append(f"total;dur={total_s * 1000:.2f}")
+    return ", ".join(parts)
 
 
 def _links(job_id: str) -> dict[str, str]:
@@ -401,8 +418,11 @@ def create_app(settings: Settings, queue: JobQueue, models: dict[str, ModelInfo]
                                         f"least {MIN_WORK_SIDE} px per side: raise min_side (or omit it)")
         respond_async, wait_pref = _parse_prefer(prefer)
         deadline_s = min(settings.job_deadline_s, x_deadline_s or settings.job_deadline_s)
+        # Admission: the upload is read, parsed and decoded (Server-Timing `decode`); the queue
+        # time starts here. The deadline counts from the request's arrival.
+        decode_s = time.perf_counter() - started
         job = Job(id=uuid.uuid4().hex, task=task, params=asdict(params), output_format=fields.output_format,
-                  quality=fields.quality, image=data, created_at=received_at, deadline=received_at + deadline_s,
+                  quality=fields.quality, image=data, created_at=time.time(), deadline=received_at + deadline_s,
                   request_id=str(request.state.request_id))
         if worker is not None:
             job.pixels = pixels  # in-process: the worker needs no second decode
@@ -420,10 +440,13 @@ def create_app(settings: Settings, queue: JobQueue, models: dict[str, ModelInfo]
                 await queue.cancel(job.id, state="expired", detail="the deadline passed while waiting")
                 raise problems.DeadlineExceeded(f"the job did not finish within its {deadline_s:g} s deadline")
             return _accepted(job.id, task, await queue.state(job.id) or "queued", {})
-        return _result_response(result, accept, time.perf_counter() - started)
+        notify_s = max(0.0, time.time() - result.finished_at) if result.finished_at else None
+        return _result_response(result, accept, time.perf_counter() - started, decode_s, notify_s)
 
     async def _decode(data: bytes) -> Any:
         try:
+            if pixels_to_decode(data, settings.max_pixels) <= INLINE_DECODE_PIXELS:
+                return decode_image(data, settings.max_pixels)  # small: cheaper than a thread hop
             return await asyncio.to_thread(decode_image, data, settings.max_pixels)
         except UnsupportedImage as exc:
             raise problems.UnsupportedMediaType(str(exc)) from None
@@ -452,10 +475,11 @@ def create_app(settings: Settings, queue: JobQueue, models: dict[str, ModelInfo]
         return JSONResponse(body.model_dump(exclude_none=True), status_code=202,
                             headers={"Location": f"/jobs/{job_id}", "Retry-After": "1", **headers})
 
-    def _result_response(result: JobResult, accept: str | None, total_s: float) -> Response:
+    def _result_response(result: JobResult, accept: str | None, total_s: float, decode_s: float | None = None,
+                         notify_s: float | None = None) -> Response:
         if result.state != "done":
             raise _problem_from_result(result)
-        headers = {"X-Seed": str(result.seed), "Server-Timing": _server_timing(result, total_s),
+        headers = {"X-Seed": str(result.seed), "Server-Timing": _server_timing(result, total_s, decode_s, notify_s),
                    "X-Job-ID": result.id}
         if _wants_json(accept):
             body = EnhanceResult(id=result.id, image=base64.b64encode(result.image).decode("ascii"),

@@ -1,8 +1,9 @@
 """Prometheus metrics of DESIGN.md section 6, one registry per process (API, worker, or both).
 
 Buckets are chosen for this workload: a request or a stage takes from about 10 ms (a tiny image,
-one step) to about a minute (a large tiled image on the CPU), so the buckets run 10 ms ... 60 s
-instead of the library's web-request defaults.
+one step) to about a minute (a large tiled image on the CPU), and a queue wait with no backlog
+takes about a millisecond (the Redis hop: admission -> a worker starts), so the buckets run
+1 ms ... 60 s instead of the library's web-request defaults.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 import flowie
 
-LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0)
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0,
+                     45.0, 60.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 

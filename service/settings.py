@@ -118,7 +118,9 @@ class Settings(BaseSettings):
     )
     max_batch: int = Field(4, ge=1, le=64, description="most images the worker runs in one batch")
     max_wait_ms: float = Field(
-        10.0, ge=0, description="ms the worker waits for more jobs of the same shape before running a batch"
+        10.0, ge=0, description="ms the worker waits for more jobs of the same shape before running a batch, "
+        "only when more are likely (jobs queued behind its previous batch); a job that finds the worker idle "
+        "starts at once"
     )
     visibility_timeout_s: float = Field(
         60.0, gt=0,

@@ -1,12 +1,19 @@
 """The worker: takes jobs from the queue, batches them dynamically, runs the pipeline, stores results.
 
-Batching: jobs are grouped by (task, every parameter except the seed, padded work shape); a
-batch is started when the oldest job's group holds ``max_batch`` jobs or the oldest job has
-waited ``max_wait_ms``. Other groups wait in a small local buffer (at most 2 x max_batch jobs,
-kept alive by heartbeats). Just before compute, jobs that were cancelled, finished elsewhere or
-are past their deadline are acknowledged without compute. Inference runs in a thread, so the
-event loop keeps heartbeating while a batch computes; a failing batch is retried one job at a
-time so one bad job cannot fail its neighbours.
+Batching: jobs are grouped by (task, every parameter except the seed, padded work shape). The
+worker waits for batch mates (until the oldest job's group holds ``max_batch`` jobs or the oldest
+job has waited ``max_wait_ms``) only when more work is likely: when jobs were already queued as it
+came back from its previous batch, when one read brought several jobs, or when jobs are left in
+its buffer. A job that arrives at an idle worker is a lone job and starts at once, without paying
+the window. The window is kept by the worker's clock: it asks `JobQueue.take` for the time left,
+and the Redis queue polls waits that short with non-blocking reads instead of a blocking read,
+whose timeout Redis ends only on its timer tick (up to 100 ms late at its default ``hz 10``).
+Other groups wait in a small local buffer (at most 2 x max_batch jobs, kept alive by heartbeats).
+Just before compute, one queue call (`JobQueue.begin`, one Redis round trip) skips jobs that were
+cancelled or finished elsewhere and marks the rest running; jobs past their deadline are
+acknowledged without compute. Inference runs in a thread, so the event loop keeps heartbeating
+while a batch computes; a failing batch is retried one job at a time so one bad job cannot fail
+its neighbours.
 
 Shutdown (``request_stop``, SIGTERM): the batch in progress finishes and is stored; jobs taken
 but not started are handed back to the queue for other workers.
@@ -28,7 +35,14 @@ from typing import Any
 import numpy as np
 
 from flowie.params import EnhanceParams
-from service.imaging import OUTPUT_FORMATS, ImageError, decode_image, encode_image
+from service.imaging import (
+    INLINE_DECODE_PIXELS,
+    OUTPUT_FORMATS,
+    ImageError,
+    decode_image,
+    encode_image,
+    pixels_to_decode,
+)
 from service.logs import request_id_var
 from service.metrics import Metrics
 from service.queue.base import Delivery, JobQueue, JobResult, QueueUnavailableError
@@ -38,6 +52,13 @@ from service.settings import Settings
 log = logging.getLogger("flowie.service.worker")
 
 _EWMA = 0.3
+# How long one read waits for a job at an idle worker before the loop looks at stop requests and
+# reclaimed jobs again (a job that arrives wakes the read at once).
+IDLE_WAIT_S = 0.5
+# Event-loop turns a queue call needs to put its request on the wire (redis-py's pool checks the
+# connection first, which takes one turn): yielded before decoding on the loop, so that the call
+# before compute travels while the worker decodes. Fewer would only lose that overlap.
+SEND_TURNS = 2
 
 
 @dataclass(eq=False)
@@ -76,7 +97,11 @@ class Worker:
         self._inbox: list[Delivery] = []  # reclaimed by the heartbeat, not yet prepared
         self._computing: list[_Prepared] = []
         self._seconds_per_job: dict[str, float] = {}
+        self._busy = False  # the last step computed a batch (jobs found queued after it are a backlog)
         self.batches_done = 0
+        # Batches started after waiting for batch mates / at once (what the batching window cost).
+        self.windows_waited = 0
+        self.started_at_once = 0
 
     @property
     def max_batch(self) -> int:
@@ -130,42 +155,86 @@ class Worker:
                         "the visibility timeout", len(unstarted))
 
     async def _step(self, tasks: list[str]) -> None:
+        backlog = bool(self._buffer)  # jobs left from earlier reads: work is queued
         if self._inbox:
             inbox, self._inbox = self._inbox, []
             await self._prepare(inbox)
+        early_begin: asyncio.Future[set[str]] | None = None
         if not self._buffer:
-            await self._prepare(await self.queue.take(tasks, self.worker_id, self.max_batch, 0.5))
+            # Back from a batch: what is already queued came while we computed (a backlog, so batch
+            # mates are likely). An idle worker blocks instead; what wakes it is a lone arrival
+            # unless one read brings several jobs.
+            taken = await self.queue.take(tasks, self.worker_id, self.max_batch, 0.0) if self._busy else []
+            backlog = bool(taken)
+            if not taken:
+                self._busy = False
+                taken = await self.queue.take(tasks, self.worker_id, self.max_batch, IDLE_WAIT_S)
+                backlog = len(taken) > 1
+            if len(taken) == 1 and not backlog:
+                # A lone job is its own batch: send the check before compute now, decode meanwhile.
+                early_begin = asyncio.ensure_future(self.queue.begin(taken))
+                for _ in range(SEND_TURNS):  # let the request leave before decoding holds the loop
+                    await asyncio.sleep(0)
+            try:
+                await self._prepare(taken)
+            except BaseException:
+                if early_begin is not None:
+                    early_begin.cancel()
+                raise
             if not self._buffer:
+                if early_begin is not None:  # the job was refused (and stored as such) while decoding
+                    await asyncio.gather(early_begin, return_exceptions=True)
                 return
-        await self._drop_dead(self._buffer)
-        if not self._buffer:
-            return
         head = self._buffer[0]
         key = head.key
-        wait_until = head.delivery.received_at + self.settings.max_wait_ms / 1000.0
-        while not self._stopping and sum(p.key == key for p in self._buffer) < self.max_batch:
-            remaining = wait_until - time.monotonic()
-            room = 2 * self.max_batch - len(self._buffer)
-            if remaining <= 0 or room <= 0:
-                break
-            await self._prepare(await self.queue.take(tasks, self.worker_id, min(room, self.max_batch), remaining))
+        waited = False
+        if backlog and self.settings.max_wait_ms > 0 and self._group_size(key) < self.max_batch:
+            # About to wait for batch mates: not for a head that is already dead.
+            await self._drop_dead(self._buffer)
+            if not self._buffer:
+                return
+            head = self._buffer[0]
+            key = head.key
+            wait_until = head.delivery.received_at + self.settings.max_wait_ms / 1000.0
+            while not self._stopping and self._group_size(key) < self.max_batch:
+                remaining = wait_until - time.monotonic()
+                room = 2 * self.max_batch - len(self._buffer)
+                if remaining <= 0 or room <= 0:
+                    break
+                waited = True
+                await self._prepare(await self.queue.take(tasks, self.worker_id, min(room, self.max_batch),
+                                                          remaining))
         batch = [p for p in self._buffer if p.key == key][: self.max_batch]
-        taken = {id(p) for p in batch}
-        self._buffer = [p for p in self._buffer if id(p) not in taken]
+        taken_ids = {id(p) for p in batch}
+        self._buffer = [p for p in self._buffer if id(p) not in taken_ids]
         self._computing = batch
         try:
-            batch = await self._drop_dead(batch)
+            if early_begin is not None:
+                batch = await self._skip_dead(batch, await early_begin)
+            else:
+                batch = await self._begin(batch)
             if batch:
+                if waited:
+                    self.windows_waited += 1
+                else:
+                    self.started_at_once += 1
                 await self._run_batch(batch)
+                self._busy = True
         finally:
             self._computing = []
 
+    def _group_size(self, key: tuple[Any, ...]) -> int:
+        return sum(p.key == key for p in self._buffer)
+
     async def _prepare(self, deliveries: list[Delivery]) -> None:
-        """Decode and key new deliveries (in a thread: decoding is CPU work)."""
+        """Decode and key new deliveries (large uploads in a thread: decoding is CPU work)."""
         if not deliveries:
             return
         assert self.runner is not None
-        prepared = await asyncio.to_thread(self._prepare_sync, deliveries)
+        if self._decode_inline(deliveries):
+            prepared = self._prepare_sync(deliveries)
+        else:
+            prepared = await asyncio.to_thread(self._prepare_sync, deliveries)
         for delivery, item in zip(deliveries, prepared, strict=True):
             if isinstance(item, _Prepared):
                 self._buffer.append(item)
@@ -173,6 +242,16 @@ class Worker:
                 status, slug, title, detail = item
                 await self._finish(delivery, JobResult.failure(delivery.job.id, "failed", status, slug, title,
                                                                detail), outcome="invalid")
+
+    def _decode_inline(self, deliveries: list[Delivery]) -> bool:
+        """True when the uploads still to decode are small enough for the event loop (headers only)."""
+        pixels = 0
+        for delivery in deliveries:
+            if delivery.job.pixels is None:
+                pixels += pixels_to_decode(delivery.job.image, self.settings.max_pixels)
+                if pixels > INLINE_DECODE_PIXELS:
+                    return False
+        return True
 
     def _prepare_sync(self, deliveries: list[Delivery]) -> list[_Prepared | tuple[int, str, str, str]]:
         assert self.runner is not None
@@ -198,7 +277,15 @@ class Worker:
         """Acknowledge, without compute, jobs cancelled / finished elsewhere / past deadline."""
         if not items:
             return items
-        finished = await self.queue.finished([p.job_id for p in items])
+        return await self._skip_dead(items, await self.queue.finished([p.job_id for p in items]))
+
+    async def _begin(self, batch: list[_Prepared]) -> list[_Prepared]:
+        """Just before compute: skip dead jobs and mark the rest running (one queue call)."""
+        if not batch:
+            return batch
+        return await self._skip_dead(batch, await self.queue.begin([p.delivery for p in batch]))
+
+    async def _skip_dead(self, items: list[_Prepared], finished: set[str]) -> list[_Prepared]:
         now = time.time()
         alive = []
         for p in items:
@@ -222,7 +309,6 @@ class Worker:
         assert self.runner is not None
         task = batch[0].delivery.job.task
         job_ids = [p.job_id for p in batch]
-        await self.queue.mark_running([p.delivery for p in batch])
         started = time.time()
         for p in batch:
             self.metrics.queue_wait.labels(task=task).observe(max(0.0, started - p.delivery.job.created_at))
@@ -256,7 +342,8 @@ class Worker:
                 id=job.id, state="done", image=encoded, media_type=OUTPUT_FORMATS[job.output_format],
                 format=job.output_format, width=int(width), height=int(height), seed=int(output.seed),
                 timings={k: float(v) for k, v in timings.items()}, queue_s=max(0.0, started - job.created_at),
-                compute_s=compute_s, batch_size=len(batch), finished_at=time.time())
+                compute_s=compute_s, batch_size=len(batch), finished_at=time.time(),
+                pickup_s=max(0.0, p.delivery.picked_at - job.created_at))
             await self._finish(p.delivery, result, outcome="done")
         self.batches_done += 1
         log.info("batch done", extra={"worker_id": self.worker_id, "task": task, "batch_size": len(batch),

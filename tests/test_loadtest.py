@@ -18,6 +18,8 @@ sys.path.insert(0, str(LOADTESTS))
 
 from load_lib import NotLoopback, check_loopback  # noqa: E402
 from load_lib.mix import Mix, MixConfig, parse_server_timing, work_size  # noqa: E402
+from load_lib.records import Record  # noqa: E402
+from load_lib.report import ENHANCE_SYNC, timing_breakdown  # noqa: E402
 from load_lib.scrape import histogram_quantile, parse_metrics, summarize  # noqa: E402
 
 
@@ -108,6 +110,19 @@ def test_server_timing_and_histogram_helpers():
     assert histogram_quantile(0.5, buckets) == pytest.approx(0.1)
     assert histogram_quantile(0.25, buckets) == pytest.approx(0.055)
     assert histogram_quantile(0.75, buckets) == pytest.approx(0.55)
+
+
+def test_timing_split_keeps_decode_out_of_post_and_reads_older_answers():
+    def record(st):
+        return Record(t=0.0, name=ENHANCE_SYNC, status=200, ms=20.0, st=st)
+
+    new = timing_breakdown([record({"decode": 1.0, "queue": 2.0, "pickup": 0.5, "compute": 10.0, "notify": 0.4,
+                                    "total": 14.0})])["ms"]
+    assert new["post"]["p50"] == pytest.approx(1.0) and new["decode"]["p50"] == 1.0
+    assert new["pickup"]["p50"] == 0.5 and new["notify"]["p50"] == 0.4
+    assert new["server_overhead"]["p50"] == pytest.approx(4.0) and new["overhead"]["p50"] == pytest.approx(10.0)
+    old = timing_breakdown([record({"queue": 3.0, "compute": 10.0, "total": 14.0})])["ms"]  # no decode entry
+    assert old["post"]["p50"] == pytest.approx(1.0) and old["decode"]["n"] == 0
 
 
 def test_metrics_deltas_add_processes():

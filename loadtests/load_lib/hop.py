@@ -2,15 +2,16 @@
 
 An "API" (``RedisJobQueue(listen=True)``, this process) submits a job and waits for it; a
 "worker" (``RedisJobQueue(listen=False)``, a child process) takes it, does what
-``service.worker.Worker`` does before compute (``finished`` + ``mark_running``: two round trips)
-and finishes it at once with a 1-pixel result. Timestamps are ``time.perf_counter()``, which on
-Linux is CLOCK_MONOTONIC and so comparable between the two processes. Per job:
+``service.worker.Worker`` does before compute (``begin``: one round trip, "which of these have a
+result; mark the rest running") and finishes it at once with a 1-pixel result. Timestamps are
+``time.perf_counter()``, which on Linux is CLOCK_MONOTONIC and so comparable between the two
+processes. Per job:
 
 * ``enqueue``  submit(): the admission script (XLEN + XADD + HSET);
 * ``pickup``   submit returned -> the worker's XREADGROUP returned the entry;
-* ``prep``     the worker's two round trips before compute;
-* ``wake``     the worker starts finish() (store script: result hash + LPUSH + XACK) -> wait() returned
-               in the API (BLPOP listener woke the future, then HGETALL of the result);
+* ``prep``     the worker's round trip before compute;
+* ``wake``     the worker starts finish() (store script: result hash + LPUSH of the result + XACK)
+               -> wait() returned in the API (the BLPOP listener handed the result to the future);
 * ``hop``      = enqueue + pickup + prep + wake (the whole transport; there is no compute);
 * ``ping_rtt_ms``: one PING through the same client library, the floor of every round trip above.
 
@@ -46,8 +47,7 @@ async def _worker(url: str, prefix: str, task: str, n: int) -> None:
         while done < n and time.monotonic() < idle_until:
             for delivery in await queue.take([task], "hop-worker", 1, 1.0):
                 picked = time.perf_counter()
-                await queue.finished([delivery.job.id])
-                await queue.mark_running([delivery])
+                await queue.begin([delivery])
                 prepared = time.perf_counter()
                 result = JobResult(id=delivery.job.id, state="done", image=b"\x00", media_type="image/png",
                                    format="png", width=1, height=1, seed=0,

@@ -1,13 +1,17 @@
 """Statistics of a load run, and the files it leaves: report.json, report.md and two (or three) figures.
 
 Latencies are client-side (request sent -> last byte read). The service's Server-Timing header
-(queue, compute, total; ms) splits each answered POST /enhance:
+(decode, queue, pickup, compute, notify, total; ms) splits each answered POST /enhance:
 
 * ``http``     = client latency - server total (connection, upload, download, the client itself);
-* ``queue``    = handler start -> compute start (body parsing and decoding count here, then the
-                 queue itself, the batching window and, with Redis, the worker's pickup);
+* ``decode``   = handler start -> admission (reading, parsing and decoding the upload);
+* ``queue``    = admission -> compute start (the queue itself, the batching window and, with Redis,
+                 the worker's pickup and its checks before compute); answers of services that send
+                 no ``decode`` entry count the upload's parsing and decoding here;
+* ``pickup``   = admission -> a worker received the job (the first part of ``queue``);
 * ``compute``  = the job's batch in the worker (pipeline + output encoding);
-* ``post``     = server total - queue - compute (storing the result, waking the handler, the answer);
+* ``post``     = server total - decode - queue - compute (storing the result, waking the handler,
+                 the answer); ``notify`` = result ready in the worker -> the handler has it (part of it);
 * ``overhead`` = client latency - compute: everything that is not the model (goal: <= 5 % at p50).
 """
 
@@ -104,15 +108,20 @@ def timing_breakdown(records: list[Record]) -> dict[str, Any]:
     rows = [r for r in records if r.name == ENHANCE_SYNC and r.status == 200 and
             {"queue", "compute", "total"} <= set(r.st)]
     e2e = [r.ms for r in rows]
-    parts: dict[str, list[float]] = {"e2e": e2e, "server_total": [], "http": [], "queue": [], "compute": [],
-                                     "post": [], "server_overhead": [], "overhead": [], "overhead_share": []}
+    parts: dict[str, list[float]] = {"e2e": e2e, "server_total": [], "http": [], "decode": [], "queue": [],
+                                     "pickup": [], "compute": [], "post": [], "notify": [], "server_overhead": [],
+                                     "overhead": [], "overhead_share": []}
     for r in rows:
         total, queue, compute = r.st["total"], r.st["queue"], r.st["compute"]
+        decode = r.st.get("decode", 0.0)
         parts["server_total"].append(total)
         parts["http"].append(r.ms - total)
         parts["queue"].append(queue)
         parts["compute"].append(compute)
-        parts["post"].append(total - queue - compute)
+        parts["post"].append(total - decode - queue - compute)
+        for optional in ("decode", "pickup", "notify"):  # absent from older services' answers
+            if optional in r.st:
+                parts[optional].append(r.st[optional])
         parts["server_overhead"].append(total - compute)
         parts["overhead"].append(r.ms - compute)
         parts["overhead_share"].append((r.ms - compute) / r.ms if r.ms > 0 else 0.0)
@@ -378,10 +387,16 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["## Where the time goes (sync POST /enhance answered 200, Server-Timing, ms)", "",
                   "| part | p50 | p95 | p99 | mean |", "|---|---|---|---|---|"]
         for key, label in (("e2e", "end to end (client)"), ("http", "HTTP (client − server total)"),
-                           ("queue", "queue (handler start → compute start)"), ("compute", "compute (batch)"),
-                           ("post", "post (result → answer)"), ("server_overhead", "server total − compute"),
+                           ("decode", "decode (handler start → admission)"),
+                           ("queue", "queue (admission → compute start)"),
+                           ("pickup", "pickup (admission → worker has the job; part of queue)"),
+                           ("compute", "compute (batch)"), ("post", "post (result → answer)"),
+                           ("notify", "notify (result ready → handler has it; part of post)"),
+                           ("server_overhead", "server total − compute"),
                            ("overhead", "overhead = end to end − compute")):
-            d = ms[key]
+            d = ms.get(key) or {}
+            if not d or d.get("p50") is None:
+                continue
             lines.append(f"| {label} | {_f(d['p50'])} | {_f(d['p95'])} | {_f(d['p99'])} | {_f(d['mean'])} |")
         lines += ["", f"Overhead share at p50: p50(overhead)/p50(e2e) = {_f(share['ratio_of_p50s'], 1, 100, ' %')}; "
                       f"p50 of per-request overhead/e2e = {_f(share['p50_of_ratios'], 1, 100, ' %')} "

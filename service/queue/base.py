@@ -20,8 +20,8 @@ from __future__ import annotations
 import abc
 import json
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -64,17 +64,18 @@ class Job:
     output_format: str
     quality: int | None
     image: bytes
-    created_at: float  # unix seconds at admission
+    created_at: float  # unix seconds at admission (the upload is parsed and decoded by then)
     deadline: float  # unix seconds; past it the job is dropped
     request_id: str = ""
     reply_to: str = ""  # which API process waits for it (Redis mode)
+    reply_inline: bool = False  # that process takes the result inside its wake-up (Redis mode)
     pixels: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def meta(self) -> dict[str, Any]:
         return {
             "id": self.id, "task": self.task, "params": self.params, "output_format": self.output_format,
             "quality": self.quality, "created_at": self.created_at, "deadline": self.deadline,
-            "request_id": self.request_id, "reply_to": self.reply_to,
+            "request_id": self.request_id, "reply_to": self.reply_to, "reply_inline": self.reply_inline,
         }
 
     def meta_json(self) -> str:
@@ -82,7 +83,7 @@ class Job:
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any], image: bytes) -> Job:
-        return cls(image=image, **{k: meta[k] for k in (
+        return cls(image=image, reply_inline=bool(meta.get("reply_inline", False)), **{k: meta[k] for k in (
             "id", "task", "params", "output_format", "quality", "created_at", "deadline",
             "request_id", "reply_to")})
 
@@ -103,20 +104,32 @@ class JobResult:
     queue_s: float = 0.0  # admission -> compute start
     compute_s: float = 0.0  # this job's batch, wall clock
     batch_size: int = 0
-    finished_at: float = 0.0
+    finished_at: float = 0.0  # unix seconds when the result was ready to store
     problem: dict[str, Any] | None = None  # status, title, slug, detail when not done
+    # Tracing only (Server-Timing); kept out of `meta()` so that processes of the previous
+    # release, which build results from `meta()` strictly, still read ours during a rolling update.
+    pickup_s: float = 0.0  # admission -> a worker received the job (part of queue_s)
+
+    TRACE_FIELDS: ClassVar[tuple[str, ...]] = ("pickup_s",)
 
     def meta(self) -> dict[str, Any]:
         meta = asdict(self)
-        meta.pop("image")
+        for name in ("image", *self.TRACE_FIELDS):
+            meta.pop(name)
         return meta
 
     def meta_json(self) -> str:
         return json.dumps(self.meta(), separators=(",", ":"))
 
+    def trace(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in self.TRACE_FIELDS}
+
     @classmethod
-    def from_meta(cls, meta: dict[str, Any], image: bytes = b"") -> JobResult:
-        return cls(image=image, **meta)
+    def from_meta(cls, meta: dict[str, Any], image: bytes = b"", trace: dict[str, Any] | None = None) -> JobResult:
+        """Build from ``meta()`` (+ ``trace()``); keys this release does not know are ignored."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in {**meta, **(trace or {})}.items() if k in known and k != "image"}
+        return cls(image=image, **values)
 
     @classmethod
     def failure(cls, job_id: str, state: str, status: int, slug: str, title: str, detail: str,
@@ -133,6 +146,7 @@ class Delivery:
     token: str
     deliveries: int = 1
     received_at: float = field(default_factory=time.monotonic)
+    picked_at: float = field(default_factory=time.time)  # unix seconds, for the pickup time
 
 
 def retry_after_estimate(depth: int, seconds_per_job: float | None, workers: int) -> float:
@@ -200,7 +214,8 @@ class JobQueue(abc.ABC):
     # --- worker side ----------------------------------------------------------------
     @abc.abstractmethod
     async def take(self, tasks: list[str], worker_id: str, max_n: int, timeout_s: float) -> list[Delivery]:
-        """Up to ``max_n`` new deliveries, waiting at most ``timeout_s`` for the first."""
+        """Up to ``max_n`` new deliveries, waiting at most ``timeout_s`` for the first
+        (``timeout_s=0``: only what is waiting now)."""
 
     async def reclaim(self, tasks: list[str], worker_id: str, max_n: int) -> list[Delivery]:
         """Deliveries abandoned by dead workers (idle past the visibility timeout); jobs past
@@ -222,6 +237,16 @@ class JobQueue(abc.ABC):
     @abc.abstractmethod
     async def mark_running(self, deliveries: list[Delivery]) -> None:
         """Record that these jobs' compute started (GET /jobs shows `running`)."""
+
+    async def begin(self, deliveries: list[Delivery]) -> set[str]:
+        """Just before compute: the ids of ``deliveries`` that already have a result (cancelled,
+        expired, done by another delivery: skip them); the others are marked running.
+
+        What `finished` + `mark_running` do, in one step; the Redis queue makes it one round trip.
+        """
+        finished = await self.finished([d.job.id for d in deliveries])
+        await self.mark_running([d for d in deliveries if d.job.id not in finished])
+        return finished
 
     @abc.abstractmethod
     async def finish(self, delivery: Delivery, result: JobResult) -> None:

@@ -5,8 +5,9 @@ Keys (``P`` = ``FLOWIE_KEY_PREFIX``)::
     P:jobs:{task}      stream, one per task; consumer group "workers"; entry = meta JSON + image bytes
     P:dead:{task}      dead-letter stream (meta of jobs that exhausted FLOWIE_MAX_DELIVERIES)
     P:job:{id}         hash: state, task, entry id, reply_to (TTL: deadline + result TTL)
-    P:result:{id}      hash: meta JSON + encoded image (TTL: FLOWIE_RESULT_TTL_S)
-    P:reply:{api}      list of finished job ids for one API process (its listener BLPOPs it)
+    P:result:{id}      hash: meta JSON + encoded image + trace JSON (TTL: FLOWIE_RESULT_TTL_S)
+    P:reply:{api}      list of wake-ups for one API process (its listener BLPOPs it): a finished
+                       job's id, or (when its submit asked for it) the id with the whole result
     P:workers          set of worker ids; P:worker:{id} their heartbeat (TTL 3 x heartbeat)
     P:spj:{task}       recent seconds per job (Retry-After estimates)
 
@@ -19,6 +20,14 @@ Why it is shaped like this:
   pushes the job id *after* storing the result, in the same script; a list keeps the push until
   it is popped, so a wake-up that arrives before the handler waits is not lost, and the number of
   connections does not grow with the number of waiting requests (they wait on in-process futures).
+* Round trips on a request's path: admission (1 script), the worker's read, one script before
+  compute ("which of these already have a result; mark the rest running"), one script to store
+  and acknowledge, and the reply list's pop. The API does not look for a result before waiting
+  when `submit` registered the wake-up (the push cannot be missed then), and a result of at most
+  ``INLINE_REPLY_BYTES`` travels inside the wake-up itself (id, meta, trace and image joined by newlines),
+  so the handler does not read it back; the result hash is stored all the same (GET /jobs, other
+  API processes, duplicates). A job says whether its API takes such wake-ups (``reply_inline``),
+  so processes of the previous release, which expect bare ids, keep working during an update.
 * At-least-once: the result is stored and the entry acknowledged in one script (store first;
   a result that already exists is kept, so a duplicate delivery changes nothing). Workers keep
   the entries they hold fresh with ``XCLAIM ... JUSTID`` (resets idle time, not the delivery
@@ -63,6 +72,10 @@ DEAD_LETTER_MAXLEN = 10_000
 # Waits shorter than this (the batching window) are polled instead of a blocking XREADGROUP.
 SHORT_WAIT_S = 0.2
 SHORT_POLL_S = 0.002
+# Results up to this size ride inside the wake-up of a handler that asked for it (saves reading the
+# result back); larger ones are read from the result hash. The list keeps such an item at most
+# REPLY_TTL_MS when the API process is gone.
+INLINE_REPLY_BYTES = 1 << 20
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
 
 _SUBMIT = """
@@ -75,16 +88,20 @@ return {1, depth + 1}
 """
 
 # KEYS: result, job, stream, reply list. ARGV: meta, image, ttl_ms, state, job id,
-# notify (1/0), ack (1/0), group, entry id, reply list TTL ms. A result that exists already is kept.
+# notify (1 = the job id, 2 = the id with the result, 0 = none), ack (1/0), group, entry id,
+# reply list TTL ms, trace. A result that exists already is kept (and nobody is woken again).
 _STORE = """
 local stored = 0
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('HSET', KEYS[1], 'meta', ARGV[1], 'image', ARGV[2])
+  redis.call('HSET', KEYS[1], 'meta', ARGV[1], 'image', ARGV[2], 'trace', ARGV[11])
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
   redis.call('HSET', KEYS[2], 'state', ARGV[4])
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
   if ARGV[6] == '1' then
     redis.call('LPUSH', KEYS[4], ARGV[5])
+    redis.call('PEXPIRE', KEYS[4], ARGV[10])
+  elseif ARGV[6] == '2' then
+    redis.call('LPUSH', KEYS[4], ARGV[5] .. '\\n' .. ARGV[1] .. '\\n' .. ARGV[11] .. '\\n' .. ARGV[2])
     redis.call('PEXPIRE', KEYS[4], ARGV[10])
   end
   stored = 1
@@ -94,6 +111,21 @@ if ARGV[7] == '1' then
   redis.call('XDEL', KEYS[3], ARGV[9])
 end
 return stored
+"""
+
+# Before compute, one round trip. KEYS: result key, job key of each job, in pairs. Returns the
+# 1-based positions of the jobs that already have a result (the worker skips them); the others
+# are marked running. A job hash that has expired is not re-created (it would have no TTL).
+_BEGIN = """
+local finished = {}
+for i = 1, #KEYS, 2 do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    finished[#finished + 1] = (i + 1) / 2
+  elseif redis.call('EXISTS', KEYS[i + 1]) == 1 then
+    redis.call('HSET', KEYS[i + 1], 'state', 'running')
+  end
+end
+return finished
 """
 
 
@@ -128,7 +160,9 @@ class RedisJobQueue(JobQueue):
         self._listener_redis = aioredis.Redis.from_url(url, socket_timeout=10.0, **common)
         self._submit_script = self._redis.register_script(_SUBMIT)
         self._store_script = self._redis.register_script(_STORE)
-        self._waiters: dict[str, asyncio.Future[bool]] = {}
+        self._begin_script = self._redis.register_script(_BEGIN)
+        # job id -> the handler's future: set to the result (inline wake-up) or to None (read it)
+        self._waiters: dict[str, asyncio.Future[JobResult | None]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._closing = False
         self._groups_ready: set[str] = set()
@@ -206,7 +240,7 @@ class RedisJobQueue(JobQueue):
     # --- API side -----------------------------------------------------------------------
     async def submit(self, job: Job, *, wait: bool) -> int:
         if wait:
-            job.reply_to = self.instance_id
+            job.reply_to, job.reply_inline = self.instance_id, True
             self._waiters[job.id] = asyncio.get_running_loop().create_future()
         ttl_ms = int(max(1.0, job.deadline - time.time()) * 1000) + self.result_ttl_ms
         try:
@@ -234,26 +268,39 @@ class RedisJobQueue(JobQueue):
         future = self._waiters.get(job_id)
         if future is None:  # register first, then look: a result stored in between is not missed
             future = self._waiters[job_id] = asyncio.get_running_loop().create_future()
-        stored = await self.result(job_id)
-        if stored is not None:
-            self._waiters.pop(job_id, None)
-            return stored
+            stored = await self.result(job_id)
+            if stored is not None:
+                self._waiters.pop(job_id, None)
+                return stored
+        # else `submit(wait=True)` registered the job before it was visible, with this process as
+        # its reply_to: whoever stores its result pushes to our reply list, and the list keeps the
+        # push until the listener pops it, so no look is needed (after a Redis restart that lost the
+        # push, the listener's `_reconcile` wakes the handler).
         try:
-            await asyncio.wait_for(asyncio.shield(future), timeout=max(0.0, timeout_s))
+            delivered = await asyncio.wait_for(asyncio.shield(future), timeout=max(0.0, timeout_s))
         except asyncio.TimeoutError:
             return None
         self._waiters.pop(job_id, None)
-        return await self.result(job_id)
+        return delivered if delivered is not None else await self.result(job_id)
 
     async def forget(self, job_id: str) -> None:
         future = self._waiters.pop(job_id, None)
         if future is not None and not future.done():
             future.cancel()
 
-    def _wake(self, job_id: str) -> None:
+    def _wake(self, job_id: str, result: JobResult | None = None) -> None:
         future = self._waiters.get(job_id)
         if future is not None and not future.done():
-            future.set_result(True)
+            future.set_result(result)
+
+    def _on_reply(self, item: bytes) -> None:
+        """A reply-list item: a bare job id, or id, meta, trace and image joined by newlines (_STORE)."""
+        if b"\n" not in item:
+            self._wake(_text(item))
+            return
+        job_id, meta, trace, image = item.split(b"\n", 3)
+        self._wake(_text(job_id), JobResult.from_meta(json.loads(meta), image,
+                                                      json.loads(trace) if trace else None))
 
     async def _listen(self) -> None:
         """Pop finished job ids for this process and wake their handlers; survive Redis restarts."""
@@ -270,7 +317,7 @@ class RedisJobQueue(JobQueue):
                     log.info("redis reachable again; reply listener resumed")
                 backoff = 0.1
                 if item:
-                    self._wake(_text(item[1]))
+                    self._on_reply(item[1])
             except asyncio.CancelledError:
                 raise
             except _UNREACHABLE as exc:
@@ -308,7 +355,8 @@ class RedisJobQueue(JobQueue):
         fields = await self._call(self._redis.hgetall(self.result_key(job_id)))
         if not fields or b"meta" not in fields:
             return None
-        return JobResult.from_meta(json.loads(fields[b"meta"]), fields.get(b"image", b""))
+        trace = json.loads(fields[b"trace"]) if fields.get(b"trace") else None
+        return JobResult.from_meta(json.loads(fields[b"meta"]), fields.get(b"image", b""), trace)
 
     async def cancel(self, job_id: str, *, state: str = "cancelled", detail: str = "") -> str | None:
         current = await self.state(job_id)
@@ -327,14 +375,19 @@ class RedisJobQueue(JobQueue):
         await self._store(result, task=task, reply_to=reply_to, ack=None)
         return await self.state(job_id)
 
-    async def _store(self, result: JobResult, *, task: str, reply_to: str, ack: str | None) -> bool:
+    async def _store(self, result: JobResult, *, task: str, reply_to: str, ack: str | None,
+                     inline: bool = False) -> bool:
+        """Store ``result`` unless one exists, wake ``reply_to`` (with the result itself when
+        ``inline``: only for a job whose submit asked for it), acknowledge ``ack``."""
+        notify = ("2" if inline and len(result.image) <= INLINE_REPLY_BYTES else "1") if reply_to else "0"
         stored = await self._call(self._store_script(
             keys=[self.result_key(result.id), self.job_key(result.id), self.stream_key(task or "_"),
                   self.reply_key(reply_to or "_")],
             args=[result.meta_json(), result.image, self.result_ttl_ms, result.state, result.id,
-                  "1" if reply_to else "0", "1" if ack else "0", GROUP, ack or "0-0", REPLY_TTL_MS]))
+                  notify, "1" if ack else "0", GROUP, ack or "0-0", REPLY_TTL_MS,
+                  json.dumps(result.trace(), separators=(",", ":"))]))
         if stored and reply_to == self.instance_id:
-            self._wake(result.id)  # same process (cancel): no round trip needed
+            self._wake(result.id, result)  # same process (cancel): no round trip needed
         return bool(stored)
 
     async def depth(self, task: str) -> int:
@@ -479,8 +532,18 @@ class RedisJobQueue(JobQueue):
                 pipe.hset(self.job_key(delivery.job.id), "state", "running")
             await self._call(pipe.execute())
 
+    async def begin(self, deliveries: list[Delivery]) -> set[str]:
+        if not deliveries:
+            return set()
+        keys = []
+        for delivery in deliveries:
+            keys += [self.result_key(delivery.job.id), self.job_key(delivery.job.id)]
+        positions = await self._call(self._begin_script(keys=keys, args=[]))
+        return {deliveries[int(i) - 1].job.id for i in positions or []}
+
     async def finish(self, delivery: Delivery, result: JobResult) -> None:
-        await self._store(result, task=delivery.job.task, reply_to=delivery.job.reply_to, ack=delivery.token)
+        await self._store(result, task=delivery.job.task, reply_to=delivery.job.reply_to, ack=delivery.token,
+                          inline=delivery.job.reply_inline)
 
     async def release(self, deliveries: list[Delivery]) -> None:
         for delivery in deliveries:

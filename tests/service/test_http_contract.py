@@ -35,8 +35,20 @@ def test_multipart_upload_returns_png_of_the_input_size_with_contract_headers(cl
     assert re.fullmatch(r"[0-9]+", response.headers["x-seed"])
     assert response.headers["x-request-id"]
     timing = response.headers["server-timing"]
-    for metric in ("queue", "compute", "total"):
+    for metric in ("decode", "queue", "pickup", "compute", "notify", "total"):
         assert re.search(rf"{metric};dur=[0-9.]+", timing), timing
+
+
+def test_server_timing_parts_are_in_order_and_add_up_within_total(client):
+    response = client.post("/enhance", files={"image": ("x.png", png(96, 80), "image/png")}, data=FAST)
+    assert response.status_code == 200, response.text
+    ms = {name.strip(): float(dur) for name, dur in re.findall(r"([a-z]+);dur=([0-9.]+)",
+                                                               response.headers["server-timing"])}
+    # decode, queue and compute follow each other; pickup is the start of queue, notify part of
+    # what follows compute. Clocks: wall and monotonic, hence the 1 ms of slack.
+    assert ms["decode"] + ms["queue"] + ms["compute"] + ms["notify"] <= ms["total"] + 1.0, ms
+    assert ms["pickup"] <= ms["queue"] + 1.0, ms
+    assert ms["compute"] > 0 and ms["decode"] > 0, ms
 
 
 def test_json_body_and_json_answer_carry_base64_image_seed_and_timings(client):

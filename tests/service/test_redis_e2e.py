@@ -122,6 +122,8 @@ def test_concurrent_requests_are_batched(cluster):
         responses = list(pool.map(lambda _: cluster.post({"min_side": "128"}), range(8)))
     assert [r.status_code for r in responses] == [200] * 8, [r.text[:200] for r in responses]
     assert all(r.headers["x-seed"] and "compute;dur=" in r.headers["server-timing"] for r in responses)
+    for part in ("decode;dur=", "pickup;dur=", "notify;dur="):  # the hop is readable per request
+        assert all(part in r.headers["server-timing"] for r in responses), responses[0].headers["server-timing"]
     counts = [batch_counts(cluster.worker_metrics(i)) for i in range(2)]
     batches = sum(c[0] for c in counts)
     singles = sum(c[1] for c in counts)

@@ -6,11 +6,13 @@ These drive `RedisJobQueue` directly (no model): each test plays API and workers
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 
 import pytest
 
+from service.queue import redis_streams
 from service.queue.base import Job, JobResult, QueueFullError
 from service.queue.redis_streams import RedisJobQueue
 
@@ -195,5 +197,127 @@ def test_cancelled_and_released_jobs(redis_server, prefix):
             assert await q.cancel("0" * 32) is None
         finally:
             await q.close()
+
+    run(scenario())
+
+
+def test_begin_skips_jobs_with_a_result_and_marks_the_rest_running_in_one_call(redis_server, prefix):
+    async def scenario():
+        q = make_queue(redis_server, prefix, listen=False)
+        await q.start()
+        try:
+            cancelled, alive, expired_hash = job(), job(), job()
+            for j in (cancelled, alive, expired_hash):
+                await q.submit(j, wait=False)
+            await q.cancel(cancelled.id)
+            taken = await q.take(["bfr"], "w1", 3, 1.0)
+            assert len(taken) == 3
+            redis_server.client().delete(q.job_key(expired_hash.id))  # its hash's TTL ran out
+            assert await q.begin(taken) == {cancelled.id}
+            assert await q.state(alive.id) == "running"
+            assert await q.state(cancelled.id) == "cancelled"
+            assert not redis_server.client().exists(q.job_key(expired_hash.id))  # not re-created without a TTL
+            assert await q.begin([]) == set()
+        finally:
+            await q.close()
+
+    run(scenario())
+
+
+def test_a_result_stored_before_an_unregistered_wait_is_found(redis_server, prefix):
+    async def scenario():
+        api, worker = make_queue(redis_server, prefix), make_queue(redis_server, prefix, listen=False)
+        await api.start()
+        await worker.start()
+        try:
+            j = job()
+            await api.submit(j, wait=False)  # nobody registered: wait() must look for the result itself
+            [delivery] = await worker.take(["bfr"], "w1", 4, 1.0)
+            await worker.finish(delivery, done(j.id))
+            result = await api.wait(j.id, timeout_s=5)
+            assert result is not None and result.image == b"result"
+        finally:
+            await api.close()
+            await worker.close()
+
+    run(scenario())
+
+
+def test_trace_timings_travel_beside_the_result_meta_that_older_readers_parse(redis_server, prefix):
+    async def scenario():
+        q = make_queue(redis_server, prefix, listen=False)
+        await q.start()
+        try:
+            j = job()
+            await q.submit(j, wait=False)
+            [delivery] = await q.take(["bfr"], "w1", 1, 1.0)
+            result = done(j.id)
+            result.pickup_s, result.queue_s = 0.0012, 0.003
+            await q.finish(delivery, result)
+            stored = await q.result(j.id)
+            assert stored.pickup_s == 0.0012 and stored.queue_s == 0.003
+            meta = json.loads(redis_server.client().hget(q.result_key(j.id), "meta"))
+            # A reader of the previous release builds JobResult(**meta) strictly: only fields it knows.
+            assert "pickup_s" not in meta and set(meta) <= OLD_RESULT_FIELDS
+        finally:
+            await q.close()
+
+    run(scenario())
+
+
+OLD_RESULT_FIELDS = {"id", "state", "media_type", "format", "width", "height", "seed", "timings", "queue_s",
+                     "compute_s", "batch_size", "finished_at", "problem"}
+
+
+def test_results_with_fields_this_release_does_not_know_still_parse():
+    meta = {**done("x").meta(), "some_future_field": 1}
+    assert JobResult.from_meta(meta, b"img").image == b"img"
+    assert JobResult.from_meta({k: v for k, v in meta.items() if k != "timings"}).timings == {}
+
+
+@pytest.mark.parametrize("inline_limit", [1 << 20, 4], ids=["inside-the-wake-up", "too-large-read-back"])
+def test_a_waiting_handler_gets_the_stored_result_small_or_large(redis_server, prefix, monkeypatch, inline_limit):
+    monkeypatch.setattr(redis_streams, "INLINE_REPLY_BYTES", inline_limit)
+
+    async def scenario():
+        api, worker = make_queue(redis_server, prefix), make_queue(redis_server, prefix, listen=False)
+        await api.start()
+        await worker.start()
+        try:
+            j = job()
+            await api.submit(j, wait=True)
+            [delivery] = await worker.take(["bfr"], "w1", 4, 1.0)
+            assert delivery.job.reply_inline and delivery.job.reply_to == api.instance_id
+            result = done(j.id)
+            result.image = b"line one\nline two\n\x00"  # newlines inside the image bytes
+            result.pickup_s = 0.002
+            await worker.finish(delivery, result)
+            got = await api.wait(j.id, timeout_s=5)
+            assert got is not None and got.image == result.image and got.pickup_s == 0.002
+            assert got.meta() == (await api.result(j.id)).meta()  # the same as the stored result
+        finally:
+            await api.close()
+            await worker.close()
+
+    run(scenario())
+
+
+def test_jobs_of_an_api_that_expects_bare_ids_are_woken_with_bare_ids(redis_server, prefix):
+    """A worker of this release and an API of the previous one (no `reply_inline` in the job)."""
+    async def scenario():
+        api, worker = make_queue(redis_server, prefix), make_queue(redis_server, prefix, listen=False)
+        await api.start()
+        await worker.start()
+        try:
+            j = job()
+            j.reply_to = "old-api"  # submitted as the previous release does: reply_to, no reply_inline
+            await api.submit(j, wait=False)
+            [delivery] = await worker.take(["bfr"], "w1", 4, 1.0)
+            assert not delivery.job.reply_inline
+            await worker.finish(delivery, done(j.id))
+            assert redis_server.client().lrange(api.reply_key("old-api"), 0, -1) == [j.id.encode()]
+        finally:
+            await api.close()
+            await worker.close()
 
     run(scenario())

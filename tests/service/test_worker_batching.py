@@ -1,8 +1,11 @@
-"""The worker's dynamic batcher on the real pipeline: grouping, skipping dead jobs, graceful stop."""
+"""The worker's dynamic batcher on the real pipeline: grouping, skipping dead jobs, graceful stop,
+and when it waits for batch mates (only when more work is likely; a lone job starts at once)."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import threading
 import time
 import uuid
 from dataclasses import asdict
@@ -10,10 +13,15 @@ from dataclasses import asdict
 from svc_helpers import png
 
 from flowie.params import EnhanceParams
+from service.imaging import INLINE_DECODE_PIXELS, tighten_bomb_guard
 from service.metrics import Metrics
 from service.queue.base import Job
 from service.queue.memory import MemoryJobQueue
-from service.worker import Worker
+from service.queue.redis_streams import RedisJobQueue
+from service.worker import IDLE_WAIT_S, Worker
+
+# A batching window far longer than any test may take: a test that finishes did not wait it out.
+LONG_WINDOW_MS = 60_000.0
 
 
 class Recording:
@@ -98,3 +106,257 @@ def test_stop_finishes_the_batch_in_progress_and_hands_back_the_rest(tiny_runner
     assert done is not None and done.state == "done"
     assert second_state == "queued" and depth == 1  # handed back, not computed
     assert len(runner.batches) == 1
+
+
+class TakeLog(MemoryJobQueue):
+    """The real in-memory queue, recording the timeout of every `take` (and an optional hook)."""
+
+    def __init__(self, *args, on_take=None) -> None:
+        super().__init__(*args)
+        self.timeouts: list[float] = []
+        self.on_take = on_take
+
+    async def take(self, tasks, worker_id, max_n, timeout_s):
+        self.timeouts.append(timeout_s)
+        if self.on_take:
+            await self.on_take(timeout_s)
+        return await super().take(tasks, worker_id, max_n, timeout_s)
+
+
+def window_takes(timeouts: list[float]) -> list[float]:
+    """The takes that waited for batch mates (not the idle read, not a look at what is queued)."""
+    return [t for t in timeouts if t not in (0.0, IDLE_WAIT_S)]
+
+
+def test_a_lone_job_starts_at_once_instead_of_waiting_the_window(tiny_runner, make_settings):
+    settings = make_settings(max_batch=4, max_wait_ms=LONG_WINDOW_MS)
+    queue, metrics = TakeLog(16, 60), Metrics()
+    runner = Recording(tiny_runner)
+    worker = Worker(queue, lambda: runner, settings, metrics)
+    lone = make_job(300, 240)  # more pixels than INLINE_DECODE_PIXELS: decoded in a thread
+    assert 300 * 240 > INLINE_DECODE_PIXELS
+    tighten_bomb_guard(settings.max_pixels)  # Pillow's guard is global; other tests' apps lower it
+
+    async def scenario():
+        await queue.submit(lone, wait=False)
+        task = asyncio.create_task(worker.run())
+        result = await queue.wait(lone.id, LONG_WINDOW_MS / 1000 / 4)
+        worker.request_stop()
+        await task
+        return result
+
+    result = asyncio.run(scenario())
+    assert result is not None and result.state == "done" and (result.width, result.height) == (300, 240)
+    assert (worker.started_at_once, worker.windows_waited) == (1, 0)
+    assert window_takes(queue.timeouts) == [], queue.timeouts
+    assert [len(shapes) for _, shapes, _ in runner.batches] == [1]
+
+
+def test_jobs_queued_while_the_worker_computes_wait_for_batch_mates(tiny_runner, make_settings):
+    settings = make_settings(max_batch=3, max_wait_ms=LONG_WINDOW_MS)
+    first, during = make_job(90, 90), [make_job(90, 90), make_job(100, 100)]
+    late = make_job(96, 96)  # comes while the worker waits for batch mates of `during`
+    queue_holder: dict = {}
+
+    async def submit_late_once(timeout_s):
+        if timeout_s not in (0.0, IDLE_WAIT_S) and not queue_holder.get("late_sent"):
+            queue_holder["late_sent"] = True
+            await queue_holder["queue"].submit(late, wait=False)
+
+    queue, metrics = TakeLog(16, 60, on_take=submit_late_once), Metrics()
+    queue_holder["queue"] = queue
+
+    def submit_during_first_batch():  # runs in the compute thread while the first batch computes
+        if len(runner.batches) == 1:
+            for job in during:
+                asyncio.run_coroutine_threadsafe(queue.submit(job, wait=False), queue_holder["loop"]).result()
+
+    runner = Recording(tiny_runner, on_batch=submit_during_first_batch)
+    worker = Worker(queue, lambda: runner, settings, metrics)
+
+    async def scenario():
+        queue_holder["loop"] = asyncio.get_running_loop()
+        await queue.submit(first, wait=False)
+        task = asyncio.create_task(worker.run())
+        results = [await queue.wait(j.id, LONG_WINDOW_MS / 1000 / 4) for j in (first, *during, late)]
+        worker.request_stop()
+        await task
+        return results
+
+    results = asyncio.run(scenario())
+    assert [r.state if r else None for r in results] == ["done"] * 4
+    # The first job came to an idle worker: alone, at once. The next two queued behind it (a
+    # backlog), so the worker waited for a third, and started as soon as the batch was full.
+    assert [len(shapes) for _, shapes, _ in runner.batches] == [1, 3]
+    assert (worker.started_at_once, worker.windows_waited) == (1, 1)
+    assert len(window_takes(queue.timeouts)) == 1
+    assert {r.batch_size for r in results[1:]} == {3}
+
+
+# --- on Redis ------------------------------------------------------------------------------------
+class CommandLog(threading.Thread):
+    """Every command clients send to the redis-server (MONITOR), by name, until `stop`."""
+
+    SENTINEL = "flowie-test-monitor-end"
+
+    def __init__(self, redis_server) -> None:
+        super().__init__(daemon=True)
+        self.server, self.started = redis_server, threading.Event()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def run(self) -> None:
+        with self.server.client().monitor() as monitor:
+            self.started.set()
+            for info in monitor.listen():
+                command = info["command"]
+                if self.SENTINEL in command:
+                    return
+                if info["client_type"] != "lua":  # commands a script runs are not round trips
+                    self.counts[command.split(" ", 1)[0].upper()] += 1
+
+    def __enter__(self) -> CommandLog:
+        self.start()
+        assert self.started.wait(10)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.client().echo(self.SENTINEL)
+        self.join(10)
+
+
+def redis_pair(redis_server, prefix: str) -> tuple[RedisJobQueue, RedisJobQueue]:
+    """(API side that waits for results, worker side) on one prefix."""
+    return (RedisJobQueue(redis_server.url, tasks=["bfr"], prefix=prefix, result_ttl_s=60),
+            RedisJobQueue(redis_server.url, tasks=["bfr"], prefix=prefix, result_ttl_s=60, listen=False))
+
+
+def test_on_redis_a_lone_request_costs_one_round_trip_before_compute_and_no_result_read(
+        redis_server, tiny_runner, make_settings):
+    settings = make_settings(max_batch=4, max_wait_ms=LONG_WINDOW_MS, heartbeat_s=30.0)
+    api, queue = redis_pair(redis_server, "w" + uuid.uuid4().hex[:8])
+    worker = Worker(queue, lambda: tiny_runner, settings, Metrics())
+
+    async def one(job):
+        await api.submit(job, wait=True)
+        try:
+            return await api.wait(job.id, LONG_WINDOW_MS / 1000 / 4)
+        finally:
+            await api.forget(job.id)
+
+    async def scenario():
+        await api.start()
+        await queue.start()
+        task = asyncio.create_task(worker.run())
+        try:
+            warm = await one(make_job(90, 90))  # loads the scripts; the worker is ready after it
+            while worker.batches_done < 1:  # its bookkeeping after the result (service time)
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            with CommandLog(redis_server) as log:
+                result = await one(make_job(90, 90))
+                while worker.batches_done < 2:
+                    await asyncio.sleep(0.01)
+            return warm, result, log.counts
+        finally:
+            worker.request_stop()
+            await task
+            await api.close()
+            await queue.close()
+
+    warm, result, counts = asyncio.run(scenario())
+    assert warm.state == result.state == "done"
+    assert (worker.started_at_once, worker.windows_waited) == (2, 0)  # the 60 s window was never waited
+    # admission, the worker's one call before compute, storing the result: three scripts
+    assert counts["EVALSHA"] == 3, counts
+    assert counts["EXISTS"] == counts["HSET"] == 0, counts  # no separate checks before compute
+    assert counts["HGETALL"] == 0, counts  # the result came inside the handler's wake-up
+    assert result.pickup_s > 0 and result.pickup_s <= result.queue_s
+
+
+def test_on_redis_a_cancelled_job_never_computes_and_its_batch_mate_does(redis_server, tiny_runner, make_settings):
+    settings = make_settings(max_batch=4, max_wait_ms=0.0)
+    api, queue = redis_pair(redis_server, "w" + uuid.uuid4().hex[:8])
+    metrics = Metrics()
+    runner = Recording(tiny_runner)
+    worker = Worker(queue, lambda: runner, settings, metrics)
+    cancelled, alive = make_job(90, 90), make_job(90, 90)
+
+    async def scenario():
+        await api.start()
+        await queue.start()
+        try:
+            await api.submit(cancelled, wait=False)
+            await api.submit(alive, wait=True)
+            assert await api.cancel(cancelled.id) == "cancelled"  # its entry stays in the stream
+            task = asyncio.create_task(worker.run())
+            result = await api.wait(alive.id, 60)
+            worker.request_stop()
+            await task
+            return result, await api.result(cancelled.id), await api.depth("bfr")
+        finally:
+            await api.close()
+            await queue.close()
+
+    result, gone, depth = asyncio.run(scenario())
+    assert result.state == "done" and gone.state == "cancelled"
+    assert [len(shapes) for _, shapes, _ in runner.batches] == [1]
+    outcomes = {s.labels["outcome"]: s.value for s in metrics.jobs.collect()[0].samples if s.name.endswith("_total")}
+    assert outcomes == {"done": 1.0, "cancelled": 1.0}
+    assert depth == 0  # both entries acknowledged
+
+
+def test_on_redis_a_lone_job_cancelled_while_queued_never_computes(redis_server, tiny_runner, make_settings):
+    settings = make_settings(max_batch=4, max_wait_ms=LONG_WINDOW_MS)
+    api, queue = redis_pair(redis_server, "w" + uuid.uuid4().hex[:8])
+    metrics = Metrics()
+    runner = Recording(tiny_runner)
+    worker = Worker(queue, lambda: runner, settings, metrics)
+    lone = make_job(90, 90)
+
+    async def scenario():
+        await api.start()
+        await queue.start()
+        try:
+            await api.submit(lone, wait=False)
+            await api.cancel(lone.id)
+            task = asyncio.create_task(worker.run())
+            while await api.depth("bfr"):  # until the worker has acknowledged the entry
+                await asyncio.sleep(0.02)
+            worker.request_stop()
+            await task
+            return await api.result(lone.id)
+        finally:
+            await api.close()
+            await queue.close()
+
+    result = asyncio.run(scenario())
+    assert result.state == "cancelled"
+    assert runner.batches == [] and worker.batches_done == 0
+    outcomes = {s.labels["outcome"]: s.value for s in metrics.jobs.collect()[0].samples if s.name.endswith("_total")}
+    assert outcomes == {"cancelled": 1.0}
+
+
+def test_on_redis_a_lone_job_the_worker_cannot_decode_fails_without_compute(redis_server, tiny_runner, make_settings):
+    settings = make_settings(max_batch=4, max_wait_ms=LONG_WINDOW_MS)
+    api, queue = redis_pair(redis_server, "w" + uuid.uuid4().hex[:8])
+    runner = Recording(tiny_runner)
+    worker = Worker(queue, lambda: runner, settings, Metrics())
+    broken = make_job(90, 90)
+    broken.image = broken.image[: len(broken.image) // 2]  # a truncated PNG (the API would refuse it)
+
+    async def scenario():
+        await api.start()
+        await queue.start()
+        task = asyncio.create_task(worker.run())
+        try:
+            await api.submit(broken, wait=True)
+            return await api.wait(broken.id, 60), await api.state(broken.id)
+        finally:
+            worker.request_stop()
+            await task
+            await api.close()
+            await queue.close()
+
+    result, state = asyncio.run(scenario())
+    assert result.state == state == "failed" and result.problem["status"] == 400
+    assert runner.batches == []
