@@ -77,6 +77,10 @@ class Pipeline:
         self.latent_tile = int(tiling_cfg.get("latent_tile", 64))
         self.latent_stride = int(tiling_cfg.get("latent_stride", 56))
         self.max_untiled_pixels = int(tiling_cfg.get("max_untiled_pixels", 1024 * 1024))
+        # The decoder tiles like the UNet unless the model says otherwise: a model whose UNet needs
+        # small tiles (the demo) can still decode in large ones, where GroupNorm sees whole regions.
+        self.decoder_tile = int(tiling_cfg.get("decoder_latent_tile", self.latent_tile))
+        self.decoder_stride = int(tiling_cfg.get("decoder_latent_stride", self.latent_stride))
 
     @classmethod
     def from_model_dir(cls, path: str | Path, device: str = "cpu", dtype: str = "float32",
@@ -236,7 +240,7 @@ class Pipeline:
         return tiling.tiled_apply(fn, [x], PIXEL_TILE, PIXEL_STRIDE, scale=1 / 8) if tiled else fn(x)
 
     def _latent_to_pixels(self, fn, z, tiled):
-        return tiling.tiled_apply(fn, [z], self.latent_tile, self.latent_stride, scale=8) if tiled else fn(z)
+        return tiling.tiled_apply(fn, [z], self.decoder_tile, self.decoder_stride, scale=8) if tiled else fn(z)
 
     def _timed(self, name: str, timings: dict[str, float], fn):
         if self.device.type == "cuda":

@@ -130,3 +130,26 @@ def test_colour_fix_in_place_changes_only_the_decoded_image(pipe, kind):
     assert torch.equal(fixed.restored, restore_only.image) and torch.equal(raw.restored, restore_only.image)
     assert fixed.image.data_ptr() != fixed.restored.data_ptr()
     assert torch.equal(fixed.image, colorfix.color_fix(kind, raw.image, raw.restored))
+
+
+def _with_tiling(pipe: Pipeline, **tiling_cfg) -> Pipeline:
+    from flowie.modeldir import ModelInfo
+
+    info = ModelInfo(path=pipe.info.path, meta={**pipe.info.meta, "tiling": tiling_cfg})
+    return Pipeline(info, pipe.stages, pipe.null_context)
+
+
+def test_the_decoder_uses_its_own_tiles_when_the_model_declares_them(pipe, lq):
+    """One UNet tile covers the 16x16 latent; the decoder tiles as declared: by default like the
+    UNet (one tile, i.e. the untiled decode), with its own 8-latent tiles a blend of those."""
+    lq_t = torch.tensor(lq[:1] / 255.0, dtype=torch.float32).permute(0, 3, 1, 2)
+    params = EnhanceParams(sampler="one_step", color_fix="none", upscale=1.0, min_side=0, tile="auto")
+    whole_tile = {"latent_tile": 16, "latent_stride": 12, "max_untiled_pixels": 64 * 64}
+    shared = _with_tiling(pipe, **whole_tile).run_batch(lq_t, params, seeds=[4])
+    own = _with_tiling(pipe, **whole_tile, decoder_latent_tile=8, decoder_latent_stride=6).run_batch(lq_t, params,
+                                                                                                   seeds=[4])
+    torch.testing.assert_close(own.latent, shared.latent, rtol=0, atol=0)  # the UNet ran alike
+    with torch.inference_mode():
+        whole = pipe.stages["vae_decoder"](own.latent)
+    torch.testing.assert_close(shared.image, whole, rtol=0, atol=0)
+    assert not torch.equal(own.image, whole)  # 8-latent decoder tiles blend to something else

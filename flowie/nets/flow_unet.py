@@ -33,6 +33,8 @@ class UNetConfig:
     transformer_depth: int = 1
     context_dim: int = 1024
     use_linear_in_transformer: bool = True
+    # GroupNorm groups of every block (official: 32); fewer for narrow models, as for the VAE.
+    norm_groups: int = 32
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,7 +85,7 @@ def build_unet(cfg: UNetConfig) -> UNet2DConditionModel:
         cross_attention_dim=cfg.context_dim,
         transformer_layers_per_block=cfg.transformer_depth,
         use_linear_projection=cfg.use_linear_in_transformer,
-        norm_num_groups=32,
+        norm_num_groups=cfg.norm_groups,
         norm_eps=1e-5,
         flip_sin_to_cos=True,
         freq_shift=0,
@@ -122,7 +124,7 @@ class FlowControlNet(nn.Module):
                     add_downsample=not last,
                     resnet_eps=1e-5,
                     resnet_act_fn="silu",
-                    resnet_groups=32,
+                    resnet_groups=cfg.norm_groups,
                     cross_attention_dim=cfg.context_dim,
                     num_attention_heads=cfg.heads[i],
                     attention_head_dim=out_ch // cfg.heads[i],
@@ -139,7 +141,7 @@ class FlowControlNet(nn.Module):
             transformer_layers_per_block=cfg.transformer_depth,
             resnet_eps=1e-5,
             resnet_act_fn="silu",
-            resnet_groups=32,
+            resnet_groups=cfg.norm_groups,
             cross_attention_dim=cfg.context_dim,
             num_attention_heads=cfg.heads[-1],
             use_linear_projection=cfg.use_linear_in_transformer,

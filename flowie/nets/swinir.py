@@ -34,6 +34,10 @@ class SwinIRConfig:
     num_feat: int = 64
     upsampler: str = "nearest+conv"
     resi_connection: str = "1conv"
+    # Not in the official SwinIR: add the (padded) input to the output, so the network learns only
+    # the correction. Official checkpoints leave it off; the small demo model turns it on, because a
+    # network this small cannot first learn to reproduce the image through pixel-unshuffle x8.
+    input_skip: bool = False
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -261,12 +265,13 @@ class SwinIR(nn.Module):
         x = lq
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
+        padded = x
         x = (x - self.mean.to(x.dtype)) * self.cfg.img_range
         x = self.conv_first(x)
         x = self.conv_after_body(self.forward_features(x)) + x
         x = self.conv_before_upsample(x)
         for conv in (self.conv_up1, self.conv_up2, self.conv_up3):
             x = F.leaky_relu(conv(F.interpolate(x, scale_factor=2.0, mode="nearest")), 0.2)
-        x = self.conv_last(F.leaky_relu(self.conv_hr(x), 0.2))
-        x = x / self.cfg.img_range + self.mean.to(x.dtype)
+        x = self.conv_last(F.leaky_relu(self.conv_hr(x), 0.2)) / self.cfg.img_range
+        x = x + (padded if self.cfg.input_skip else self.mean.to(x.dtype))
         return x[:, :, :h, :w]

@@ -22,6 +22,9 @@ class VaeConfig:
     embed_dim: int = 4
     in_channels: int = 3
     out_ch: int = 3
+    # GroupNorm groups (official: 32). With 32 channels, 32 groups is one channel per group, an
+    # instance norm that erases absolute contrast; small models (the demo) use fewer groups.
+    norm_groups: int = 32
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,7 +59,7 @@ class CondEncoder(nn.Module):
             down_block_types=("DownEncoderBlock2D",) * len(cfg.ch_mult),
             block_out_channels=cfg.block_out_channels,
             layers_per_block=cfg.num_res_blocks,
-            norm_num_groups=32,
+            norm_num_groups=cfg.norm_groups,
             act_fn="silu",
             double_z=True,
         )
@@ -86,7 +89,7 @@ class VaeDecoder(nn.Module):
             up_block_types=("UpDecoderBlock2D",) * len(cfg.ch_mult),
             block_out_channels=cfg.block_out_channels,
             layers_per_block=cfg.num_res_blocks,
-            norm_num_groups=32,
+            norm_num_groups=cfg.norm_groups,
             act_fn="silu",
         )
 

@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="processes that prepare degraded crops ahead of training (useful with a GPU; default 0)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--name", default="flowie-demo", help="model name recorded in model.json")
+    parser.add_argument("--weights-dtype", default="float32", choices=["float32", "float16"],
+                        help="dtype of the written safetensors (float16 halves the directory; the demo uses it). "
+                             "Training always runs in float32; the loader casts to the serving dtype")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
                           ssim_weight=args.ssim_weight, lora_rank=args.lora_rank, init_unet=args.init_unet,
                           flow_bank=args.flow_bank, checkpoint_every=args.checkpoint_every, threads=args.threads,
                           workers=args.workers, work_scale=work_scale, data_workers=args.data_workers,
-                          device=args.device, name=args.name, defaults={"min_side": args.min_side})
+                          device=args.device, name=args.name, defaults={"min_side": args.min_side},
+                          weights_dtype=args.weights_dtype)
     except ValueError as exc:
         print(f"flowie train: {exc}", file=sys.stderr)
         return 2
