@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
@@ -77,13 +78,10 @@ def test_new_fields_round_trip_through_model_json_dicts():
 def test_float16_weight_files_load_as_the_serving_dtype(tmp_path):
     from flowie.model import load_stage
     from flowie.modeldir import read_model_dir
-    from flowie.train.data import SKIMAGE_HOLDOUT  # noqa: F401  (the data module imports cleanly)
 
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.default_rng(0)
-    from PIL import Image
-
     Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(folder / "a.png")
     swinir, vae, unet = ARCHS["tiny"]
     phases = {p: PhaseConfig(steps=0, batch=1, crop=64) for p in PHASES}

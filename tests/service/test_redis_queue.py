@@ -6,6 +6,7 @@ These drive `RedisJobQueue` directly (no model): each test plays API and workers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -21,6 +22,19 @@ def make_queue(redis_server, prefix: str, **kwargs) -> RedisJobQueue:
     options = {"max_queue": 50, "visibility_timeout_s": 0.3, "max_deliveries": 2, "result_ttl_s": 60}
     options.update(kwargs)
     return RedisJobQueue(redis_server.url, tasks=["bfr"], prefix=prefix, **options)
+
+
+@contextlib.asynccontextmanager
+async def api_and_worker(redis_server, prefix: str, **api_kwargs):
+    """An API-side queue (listening for wake-ups) and a worker-side one on the same prefix, started and closed."""
+    api, worker = make_queue(redis_server, prefix, **api_kwargs), make_queue(redis_server, prefix, listen=False)
+    await api.start()
+    await worker.start()
+    try:
+        yield api, worker
+    finally:
+        await api.close()
+        await worker.close()
 
 
 def job(deadline_s: float = 60) -> Job:
@@ -44,10 +58,7 @@ def prefix() -> str:
 
 def test_a_result_stored_before_the_handler_waits_still_wakes_it(redis_server, prefix):
     async def scenario():
-        api, worker = make_queue(redis_server, prefix), make_queue(redis_server, prefix, listen=False)
-        await api.start()
-        await worker.start()
-        try:
+        async with api_and_worker(redis_server, prefix) as (api, worker):
             j = job()
             await api.submit(j, wait=True)
             [delivery] = await worker.take(["bfr"], "w1", 4, 1.0)
@@ -59,20 +70,13 @@ def test_a_result_stored_before_the_handler_waits_still_wakes_it(redis_server, p
             assert time.monotonic() - started < 1.0
             assert await api.state(j.id) == "done"
             assert await api.depth("bfr") == 0  # acknowledged and deleted from the stream
-        finally:
-            await api.close()
-            await worker.close()
 
     run(scenario())
 
 
 def test_many_waiting_requests_share_a_bounded_number_of_connections(redis_server, prefix):
     async def scenario():
-        api = make_queue(redis_server, prefix, max_connections=4)
-        worker = make_queue(redis_server, prefix, listen=False)
-        await api.start()
-        await worker.start()
-        try:
+        async with api_and_worker(redis_server, prefix, max_connections=4) as (api, worker):
             jobs = [job() for _ in range(40)]
             for j in jobs:
                 await api.submit(j, wait=True)
@@ -87,9 +91,6 @@ def test_many_waiting_requests_share_a_bounded_number_of_connections(redis_serve
                     break
             results = await asyncio.gather(*waits)
             assert all(r is not None and r.state == "done" for r in results)
-        finally:
-            await api.close()
-            await worker.close()
 
     run(scenario())
 
@@ -226,19 +227,13 @@ def test_begin_skips_jobs_with_a_result_and_marks_the_rest_running_in_one_call(r
 
 def test_a_result_stored_before_an_unregistered_wait_is_found(redis_server, prefix):
     async def scenario():
-        api, worker = make_queue(redis_server, prefix), make_queue(redis_server, prefix, listen=False)
-        await api.start()
-        await worker.start()
-        try:
+        async with api_and_worker(redis_server, prefix) as (api, worker):
             j = job()
             await api.submit(j, wait=False)  # nobody registered: wait() must look for the result itself
             [delivery] = await worker.take(["bfr"], "w1", 4, 1.0)
             await worker.finish(delivery, done(j.id))
             result = await api.wait(j.id, timeout_s=5)
             assert result is not None and result.image == b"result"
-        finally:
-            await api.close()
-            await worker.close()
 
     run(scenario())
 
@@ -280,10 +275,7 @@ def test_a_waiting_handler_gets_the_stored_result_small_or_large(redis_server, p
     monkeypatch.setattr(redis_streams, "INLINE_REPLY_BYTES", inline_limit)
 
     async def scenario():
-        api, worker = make_queue(redis_server, prefix), make_queue(redis_server, prefix, listen=False)
-        await api.start()
-        await worker.start()
-        try:
+        async with api_and_worker(redis_server, prefix) as (api, worker):
             j = job()
             await api.submit(j, wait=True)
             [delivery] = await worker.take(["bfr"], "w1", 4, 1.0)
@@ -295,9 +287,6 @@ def test_a_waiting_handler_gets_the_stored_result_small_or_large(redis_server, p
             got = await api.wait(j.id, timeout_s=5)
             assert got is not None and got.image == result.image and got.pickup_s == 0.002
             assert got.meta() == (await api.result(j.id)).meta()  # the same as the stored result
-        finally:
-            await api.close()
-            await worker.close()
 
     run(scenario())
 
@@ -305,10 +294,7 @@ def test_a_waiting_handler_gets_the_stored_result_small_or_large(redis_server, p
 def test_jobs_of_an_api_that_expects_bare_ids_are_woken_with_bare_ids(redis_server, prefix):
     """A worker of this release and an API of the previous one (no `reply_inline` in the job)."""
     async def scenario():
-        api, worker = make_queue(redis_server, prefix), make_queue(redis_server, prefix, listen=False)
-        await api.start()
-        await worker.start()
-        try:
+        async with api_and_worker(redis_server, prefix) as (api, worker):
             j = job()
             j.reply_to = "old-api"  # submitted as the previous release does: reply_to, no reply_inline
             await api.submit(j, wait=False)
@@ -316,8 +302,5 @@ def test_jobs_of_an_api_that_expects_bare_ids_are_woken_with_bare_ids(redis_serv
             assert not delivery.job.reply_inline
             await worker.finish(delivery, done(j.id))
             assert redis_server.client().lrange(api.reply_key("old-api"), 0, -1) == [j.id.encode()]
-        finally:
-            await api.close()
-            await worker.close()
 
     run(scenario())
