@@ -8,6 +8,8 @@ needed afterwards, so the fix then adds no image-sized buffer.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -106,6 +108,56 @@ def wavelet_color_fix_(content: torch.Tensor, style: torch.Tensor, band_pixels: 
         diff_lo, diff_hi = lo, hi
         content[:, :, top:bottom] += low_pass(diff)[:, :, top - lo:bottom - lo]
     return content
+
+
+def wavelet_fix_rows(content: Iterable[tuple[int, torch.Tensor]], read_style: Callable[[int, int], torch.Tensor],
+                     height: int, band_pixels: int = BAND_PIXELS) -> Iterator[tuple[int, torch.Tensor]]:
+    """:func:`wavelet_color_fix`, streamed: content arrives as (first row, rows) blocks, top to bottom.
+
+    ``read_style(top, bottom)`` gives the style's rows [top, bottom). Yields (first row, fixed
+    rows) blocks, top to bottom, each as soon as the content rows within ``WAVELET_HALO`` below
+    it have arrived. Between blocks it keeps only the rows a later band still reads (two halos,
+    copied, so the producer's block can be freed); each band is about ``band_pixels`` pixels, so
+    nothing image-sized is held. Every row is the same bits as the whole-image fix, for the
+    reason :func:`wavelet_color_fix_` gives: a row's low-pass reads only rows within the halo,
+    through elementwise arithmetic.
+    """
+    kept: torch.Tensor | None = None  # uncorrected content rows [kept_top, top of the current block)
+    kept_top = done = 0  # rows [0, done) have been yielded
+    arrived = 0
+    for top, rows in content:
+        if top != arrived:
+            raise ValueError(f"content rows must arrive in order without gaps; got a block at row {top}, "
+                             f"expected {arrived}")
+        arrived = top + rows.shape[2]
+
+        ready = height if arrived >= height else arrived - WAVELET_HALO  # rows < ready are fixable
+        band_rows = max(64, band_pixels // max(1, rows.shape[3]))
+        while done < ready:
+            bottom = min(done + band_rows, ready)
+            lo, hi = max(done - WAVELET_HALO, 0), min(bottom + WAVELET_HALO, height)
+            local = _rows_between(kept, kept_top, rows, top, lo, hi)
+            diff = read_style(lo, hi).to(local.device, local.dtype) - local
+            fixed = local[:, :, done - lo:bottom - lo] + low_pass(diff)[:, :, done - lo:bottom - lo]
+            del diff, local
+            yield done, fixed
+            done = bottom
+        keep = max(done - WAVELET_HALO, kept_top if kept is not None else top)  # the next band's upper halo
+        kept, kept_top = _rows_between(kept, kept_top, rows, top, keep, arrived).clone(), keep
+        del rows  # the producer's block is not referenced past this point
+    if done != height:
+        raise ValueError(f"content ended at row {done}, expected {height} rows")
+
+
+def _rows_between(kept: torch.Tensor | None, kept_top: int, block: torch.Tensor, block_top: int, lo: int, hi: int
+                  ) -> torch.Tensor:
+    """Rows [lo, hi) of kept rows followed by a block (a view, or a copy across the two)."""
+    if lo >= block_top:
+        return block[:, :, lo - block_top:hi - block_top]
+    assert kept is not None and lo >= kept_top
+    if hi <= block_top:
+        return kept[:, :, lo - kept_top:hi - kept_top]
+    return torch.cat([kept[:, :, lo - kept_top:], block[:, :, : hi - block_top]], dim=2)
 
 
 def _mean_std(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:

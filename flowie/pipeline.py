@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from flowie import imageops, samplers, tiling
-from flowie.colorfix import color_fix_
+from flowie.colorfix import color_fix_, wavelet_fix_rows
 from flowie.modeldir import ModelInfo, read_model_dir
 from flowie.params import EnhanceParams
+from flowie.rowstore import RowStore
 
 StageFn = Callable[..., torch.Tensor]
 STAGE_ORDER = ("swinir", "cond_encoder", "flow_unet", "vae_decoder")
@@ -47,6 +48,20 @@ class BatchOutput:
     timings: dict[str, float]
 
 
+@dataclass
+class StreamedOutput:
+    """Outputs of :meth:`Pipeline.run_streamed` for one padded image, uint8 HWC."""
+
+    image: np.ndarray  # after colour fix
+    restored: np.ndarray | None  # SwinIR output (when asked for)
+    latent: torch.Tensor | None
+    timings: dict[str, float]
+
+
+# Colour fixes that can run on rows as they are decoded; AdaIN needs whole-image statistics first.
+STREAMABLE_COLOR_FIXES = ("wavelet", "none")
+
+
 class TorchStage:
     """Wrap an eval-mode module: cast inputs to its dtype/device, return float32 outputs."""
 
@@ -63,7 +78,7 @@ class Pipeline:
     """Runs a model directory's stages; see :meth:`enhance`."""
 
     def __init__(self, info: ModelInfo, stages: dict[str, StageFn], null_context: torch.Tensor,
-                 device: str | torch.device = "cpu", backend: str = "torch"):
+                 device: str | torch.device = "cpu", backend: str = "torch", spill_dir: str | None = None):
         missing = [s for s in STAGE_ORDER if s not in stages]
         if missing:
             raise ValueError(f"pipeline needs the stages {missing}")
@@ -71,6 +86,9 @@ class Pipeline:
         self.stages = stages
         self.device = torch.device(device)
         self.backend = backend
+        # Where a streamed run keeps the SwinIR output: None = host RAM, a directory = a spill
+        # file there (flowie.rowstore). Only tiled single images stream; see run_streamed.
+        self.spill_dir = spill_dir
         self.null_context = null_context.to(self.device, torch.float32)
         self.sampler_config = dict(info.meta.get("sampler_config", {}))
         tiling_cfg = info.meta.get("tiling", {})
@@ -132,6 +150,17 @@ class Pipeline:
             groups.setdefault(plan.padded_hw, []).append(i)
         for idx in groups.values():
             start = time.perf_counter()
+            if len(idx) == 1 and self.streams(plans[idx[0]].padded_hw, p):
+                i = idx[0]
+                work = imageops.prepare(images[i], plans[i])
+                streamed = self.run_streamed(work, p, int(seeds[i]), noise[i:i + 1] if noise is not None else None,
+                                             on_step=on_step, keep_restored=True)
+                del work
+                assert streamed.restored is not None
+                results[i] = EnhanceResult(image=imageops.finish(streamed.image, plans[i]),
+                                           restored=imageops.finish(streamed.restored, plans[i]), seed=int(seeds[i]),
+                                           timings={**streamed.timings, "total": time.perf_counter() - start})
+                continue
             lq = imageops.images_to_tensor([imageops.prepare(images[i], plans[i]) for i in idx])
             batch_noise = noise[idx] if noise is not None else None
             out = self.run_batch(lq, p, [int(seeds[i]) for i in idx], batch_noise, on_step=on_step)
@@ -168,15 +197,7 @@ class Pipeline:
 
         c_latent = self._timed("cond_encoder", timings,
                                lambda: self._pixels_to_latent(self.stages["cond_encoder"], restored, tiled))
-        latent_shape = (b, 4, h // 8, w // 8)
-        if noise is None:
-            if seeds is None:
-                raise ValueError("run_batch needs seeds or noise")
-            x_T = samplers.initial_noise(latent_shape, seeds, device=self.device)
-        else:
-            x_T = noise.to(self.device, torch.float32)
-            if tuple(x_T.shape) != latent_shape:
-                raise ValueError(f"noise has shape {tuple(x_T.shape)}, expected {latent_shape}")
+        x_T = self._initial_noise((b, 4, h // 8, w // 8), seeds, noise)
         context = self.null_context.expand(b, -1, -1)
         velocity = self._velocity(c_latent, context, tiled)
         latent = self._timed("flow_unet", timings, lambda: self._sample(velocity, x_T, p, on_step))
@@ -184,6 +205,89 @@ class Pipeline:
                               lambda: self._latent_to_pixels(self.stages["vae_decoder"], latent, tiled))
         image = self._timed("colour_fix", timings, lambda: self._color_fix_in_place(p.color_fix, decoded, restored))
         return BatchOutput(image=image, restored=restored, latent=latent, timings=timings)
+
+    def streams(self, padded_hw: tuple[int, int], params: EnhanceParams) -> bool:
+        """Whether :meth:`enhance` runs a lone image of this padded size through :meth:`run_streamed`."""
+        p = self.resolve(params)
+        return self._use_tiles(p.tile, *padded_hw) and p.color_fix in STREAMABLE_COLOR_FIXES
+
+    def run_streamed(self, work: np.ndarray, params: EnhanceParams, seed: int | None = None,
+                     noise: torch.Tensor | None = None, on_step: Callable[[int, int], None] | None = None,
+                     keep_restored: bool = False) -> StreamedOutput:
+        """One padded uint8 HWC image -> uint8 outputs, holding nothing image-sized in float.
+
+        The same algorithm as :meth:`run_batch` on tiles, and the same bits (the tests compare
+        them), arranged so that memory stays flat as images grow:
+        - SwinIR reads its input one tile row at a time from the uint8 image and writes finished
+          rows to a :class:`RowStore` (host RAM, or a spill file when ``spill_dir`` is set);
+        - the cond encoder reads its tile rows back from the store; latents (1/64 of the pixels)
+          stay on the device;
+        - the decoder hands over each finished band of rows (:func:`tiling.tiled_rows`), the
+          wavelet fix corrects it against the stored SwinIR rows as soon as the rows below it
+          within its halo exist, and the band lands in the uint8 result.
+        On a GPU the device holds only tiles, bands and latents. ``color_fix`` must be wavelet or
+        none (AdaIN needs whole-image statistics).
+        """
+        p = self.resolve(params)
+        if work.dtype != np.uint8 or work.ndim != 3 or work.shape[2] != 3:
+            raise ValueError(f"run_streamed needs a uint8 HWC RGB image, got {work.dtype} {work.shape}")
+        h, w = work.shape[:2]
+        if h % 64 or w % 64:
+            raise ValueError(f"run_streamed needs H, W multiples of 64, got {h}x{w}")
+        if p.color_fix not in STREAMABLE_COLOR_FIXES:
+            raise ValueError(f"run_streamed cannot apply the {p.color_fix!r} colour fix; use run_batch")
+        timings: dict[str, float] = {}
+        with RowStore(3, h, w, self.spill_dir) as restored:
+            def swinir() -> None:
+                source = _Uint8Rows(work, self.device)
+                for top, rows in tiling.tiled_rows(self.stages["swinir"], [source], PIXEL_TILE, PIXEL_STRIDE):
+                    restored.write(top, rows)
+                    del rows  # before the next tile row runs
+
+            self._timed("swinir", timings, swinir)
+            if p.sampler == "restore_only":
+                image = _store_to_uint8(restored)
+                return StreamedOutput(image=image, restored=image if keep_restored else None, latent=None,
+                                      timings=timings)
+            c_latent = self._timed("cond_encoder", timings, lambda: tiling.tiled_apply(
+                self.stages["cond_encoder"], [restored], PIXEL_TILE, PIXEL_STRIDE, scale=1 / 8))
+            x_T = self._initial_noise((1, 4, h // 8, w // 8), None if seed is None else [seed], noise)
+            velocity = self._velocity(c_latent, self.null_context.expand(1, -1, -1), tiled=True)
+            latent = self._timed("flow_unet", timings, lambda: self._sample(velocity, x_T, p, on_step))
+            image = np.empty((h, w, 3), dtype=np.uint8)
+            fix_seconds = [0.0]
+
+            def decode_and_fix() -> None:
+                decoded = tiling.tiled_rows(self.stages["vae_decoder"], [latent], self.decoder_tile,
+                                            self.decoder_stride, scale=8)
+                fixed = decoded if p.color_fix == "none" else wavelet_fix_rows(decoded, restored.read, h)
+                while True:
+                    block = next(fixed, None)  # the decoder runs inside next(); the fix's time is measured below
+                    if block is None:
+                        break
+                    start = time.perf_counter()
+                    top, rows = block
+                    image[top:top + rows.shape[2]] = imageops.tensor_to_uint8(rows)[0]
+                    del block, rows  # before the next tile row runs
+                    fix_seconds[0] += time.perf_counter() - start
+
+            self._timed("vae_decoder", timings, decode_and_fix)
+            # The fix and the uint8 conversion ran between decoder tile rows: report them apart.
+            timings["vae_decoder"] -= fix_seconds[0]
+            timings["colour_fix"] = fix_seconds[0]
+            stage1 = _store_to_uint8(restored) if keep_restored else None
+        return StreamedOutput(image=image, restored=stage1, latent=latent, timings=timings)
+
+    def _initial_noise(self, shape: tuple[int, ...], seeds: Sequence[int] | None, noise: torch.Tensor | None
+                       ) -> torch.Tensor:
+        if noise is None:
+            if seeds is None:
+                raise ValueError("run_batch needs seeds or noise")
+            return samplers.initial_noise(shape, seeds, device=self.device)
+        x_T = noise.to(self.device, torch.float32)
+        if tuple(x_T.shape) != tuple(shape):
+            raise ValueError(f"noise has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
+        return x_T
 
     @staticmethod
     @torch.inference_mode()  # a torch stage's output is an inference tensor: only written to in this mode
@@ -251,3 +355,29 @@ class Pipeline:
             torch.cuda.synchronize(self.device)
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
         return out
+
+
+class _Uint8Rows:
+    """A row source over a uint8 HWC image: regions come out as float32 [1, 3, n, w] in [0, 1].
+
+    Converted exactly as :func:`imageops.images_to_tensor` converts the whole image (float64
+    division, then float32), one tile at a time.
+    """
+
+    def __init__(self, image: np.ndarray, device: torch.device):
+        self.image, self.device = image, device
+        self.shape = (1, 3, image.shape[0], image.shape[1])
+
+    def read(self, top: int, bottom: int, left: int = 0, right: int | None = None) -> torch.Tensor:
+        region = self.image[None, top:bottom, left:right]
+        return torch.tensor(region / 255.0, dtype=torch.float32, device=self.device).clamp_(0, 1).permute(0, 3, 1, 2)
+
+
+def _store_to_uint8(store: RowStore, band_rows: int = 256) -> np.ndarray:
+    """The stored rows as uint8 HWC, converted band by band (as tensor_to_uint8 converts)."""
+    _, _, h, w = store.shape
+    out = np.empty((h, w, 3), dtype=np.uint8)
+    for top in range(0, h, band_rows):
+        bottom = min(top + band_rows, h)
+        out[top:bottom] = imageops.tensor_to_uint8(store.read(top, bottom))[0]
+    return out

@@ -21,7 +21,8 @@ weights. Why this and not the official uniform average (``count``) or a Gaussian
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
 import torch
 
@@ -114,12 +115,41 @@ def _overlaps(starts: list[int], size: int) -> list[tuple[int, int]]:
     return result
 
 
-def tiled_apply(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], tile: int, stride: int,
+class TensorRows:
+    """A row source over an NCHW tensor: what :func:`tiled_rows` reads its tiles from."""
+
+    def __init__(self, x: torch.Tensor):
+        if x.ndim != 4:
+            raise ValueError(f"expected an NCHW tensor, got shape {tuple(x.shape)}")
+        self.x = x
+        self.shape = tuple(x.shape)
+
+    def read(self, top: int, bottom: int, left: int = 0, right: int | None = None) -> torch.Tensor:
+        return self.x[:, :, top:bottom, left:right]
+
+
+class RowSource(Protocol):
+    """Anything with an NCHW ``shape`` whose region [top, bottom) x [left, right) can be read.
+
+    ``read`` may return a view; :func:`tiled_rows` makes each tile contiguous itself.
+    """
+
+    shape: tuple[int, ...]
+
+    def read(self, top: int, bottom: int, left: int = 0, right: int | None = None) -> torch.Tensor: ...
+
+
+def _as_source(x: torch.Tensor | RowSource) -> RowSource:
+    return TensorRows(x) if isinstance(x, torch.Tensor) else x
+
+
+def tiled_apply(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor | RowSource], tile: int, stride: int,
                 scale: float = 1.0, out_channels: int | None = None,
                 progress: ProgressFn | None = None) -> torch.Tensor:
     """Apply ``fn`` to overlapping tiles of ``inputs`` and blend the outputs.
 
-    inputs:  NCHW tensors with the same H, W (e.g. x_t and c_latent); cut into the same tiles.
+    inputs:  NCHW tensors (or row sources) with the same H, W (e.g. x_t and c_latent); cut into
+             the same tiles.
     tile, stride: tile size and step in input pixels (a tile is min(tile, H) x min(tile, W)).
     fn(*tiles) -> [N, C, tile_h * scale, tile_w * scale]; scale 8 for a decoder on latents,
              1/8 for an encoder on pixels, 1 for the UNet or SwinIR.
@@ -128,72 +158,131 @@ def tiled_apply(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
     Returns [N, C, H * scale, W * scale] in fn's output dtype.
 
     When one tile covers the input, returns ``fn(*inputs)`` itself (one call, no blending).
-    Extra memory: the output buffer (float32 when fn returns fp16/bf16, for an accurate sum),
-    two 1-D weight sums (see :func:`summed_weights`), and one tile's inputs and output.
+    Extra memory: the output, one band of tile rows being blended (float32 when fn returns
+    fp16/bf16, for an accurate sum), and one tile's inputs and output. The output is assembled
+    from :func:`tiled_rows`, so both give the same bits.
     """
-    if len(inputs) == 0:
-        raise ValueError("tiled_apply needs at least one input")
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
-    for i, x in enumerate(inputs):
-        if x.ndim != 4:
-            raise ValueError(f"input {i} must be NCHW, got shape {tuple(x.shape)}")
-        if x.shape[-2:] != inputs[0].shape[-2:]:
-            raise ValueError(f"all inputs must share H, W: input 0 is {tuple(inputs[0].shape)}, "
-                             f"input {i} is {tuple(x.shape)}")
-    height, width = inputs[0].shape[-2:]
+    sources = [_as_source(x) for x in inputs]
+    _check_inputs(sources)
+    height, width = sources[0].shape[-2:]
+    if len(tile_starts(height, tile, stride)) * len(tile_starts(width, tile, stride)) == 1:
+        # Exactly the untiled computation: the caller can switch tiling on without changing
+        # results for inputs that fit (tiled_rows yields fn's own output; no copy).
+        return next(tiled_rows(fn, sources, tile, stride, scale, out_channels, progress))[1]
+    result: torch.Tensor | None = None
+    for top, rows in tiled_rows(fn, sources, tile, stride, scale, out_channels, progress):
+        if result is None:
+            result = torch.empty((rows.shape[0], rows.shape[1], _scaled(height, scale, "height"), rows.shape[3]),
+                                 dtype=rows.dtype, device=rows.device)
+        result[:, :, top:top + rows.shape[2]] = rows
+        del rows  # before the next tile row runs
+    assert result is not None
+    return result
+
+
+def tiled_rows(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor | RowSource], tile: int, stride: int,
+               scale: float = 1.0, out_channels: int | None = None,
+               progress: ProgressFn | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """:func:`tiled_apply`, streamed: yields (first output row, finished rows), top to bottom.
+
+    Rows are yielded as soon as no later tile overlaps them, so only one band of tile rows is
+    ever held: memory grows with the image's width, not its area. The tiles are visited and
+    summed in the same order as a whole-image accumulator would sum them, so the rows are the
+    same bits as :func:`tiled_apply`'s. Inputs are read one tile at a time (``read``), which lets
+    a stage take its input from a :class:`flowie.rowstore.RowStore` rather than a tensor.
+    """
+    if len(inputs) == 0:
+        raise ValueError("tiled_rows needs at least one input")
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    sources = [_as_source(x) for x in inputs]
+    _check_inputs(sources)
+    batch = sources[0].shape[0]
+    height, width = sources[0].shape[-2:]
     tile_h, tile_w = min(tile, height), min(tile, width)
     starts_h = tile_starts(height, tile, stride)
     starts_w = tile_starts(width, tile, stride)
     total = len(starts_h) * len(starts_w)
-
+    out_h, out_w = _scaled(height, scale, "height"), _scaled(width, scale, "width")
     if total == 1:
-        # Exactly the untiled computation: the caller can switch tiling on without changing
-        # results for inputs that fit.
-        out = fn(*inputs)
-        _check_out(out, inputs[0].shape[0], _scaled(height, scale, "height"), _scaled(width, scale, "width"),
-                   out_channels)
+        # One tile: fn on the input as it is, as tiled_apply does (same memory layout, same bits).
+        out = fn(*[s.read(0, height) for s in sources])
+        _check_out(out, batch, out_h, out_w, out_channels)
         if progress is not None:
             progress(1, 1)
-        return out
-
-    out_h, out_w = _scaled(height, scale, "height"), _scaled(width, scale, "width")
+        yield 0, out
+        return
     out_tile_h, out_tile_w = _scaled(tile_h, scale, "tile height"), _scaled(tile_w, scale, "tile width")
     overlaps_h, overlaps_w = _overlaps(starts_h, tile_h), _overlaps(starts_w, tile_w)
+    # The summed weights factor into rows x cols (see summed_weights): each finished band is
+    # divided by its slice of each, in place.
+    row_sums, col_sums = summed_weights(starts_h, starts_w, tile_h, tile_w, scale)
 
-    acc: torch.Tensor | None = None
+    band: torch.Tensor | None = None  # weighted sums of output rows [band_top, band_top + band rows)
+    band_top = 0
+    carry: torch.Tensor | None = None  # the finished band's rows that the next tile row overlaps
     out_dtype: torch.dtype | None = None
     weights: dict[tuple[int, int, int, int], torch.Tensor] = {}
     done = 0
+
+    def finish(rows: torch.Tensor, top: int) -> torch.Tensor:
+        assert out_dtype is not None
+        n = rows.shape[2]
+        rows.div_(row_sums[top:top + n].to(rows.device, rows.dtype).view(1, 1, -1, 1))
+        rows.div_(col_sums.to(rows.device, rows.dtype).view(1, 1, 1, -1))
+        return rows.to(out_dtype)
+
     for y0, (top, bottom) in zip(starts_h, overlaps_h, strict=True):
+        oy = _scaled(y0, scale, "tile start")
+        if band is not None:
+            # Rows above this tile row's first output row get no more contributions. Keep only the
+            # overlap (a copy), so the finished band is freed once its consumer lets go of it,
+            # before the next tile runs: the network's working memory never meets two bands.
+            carry = band[:, :, oy - band_top:].clone()
+            done_rows, band = band[:, :, : oy - band_top], None
+            yield band_top, finish(done_rows, band_top)
+            del done_rows
         for x0, (left, right) in zip(starts_w, overlaps_w, strict=True):
-            # Contiguous copies: engines (ONNX Runtime, TensorRT) need dense tensors, and the copy
-            # is one tile's worth of memory.
-            tiles = [x[:, :, y0:y0 + tile_h, x0:x0 + tile_w].contiguous() for x in inputs]
+            # Read tile by tile, as contiguous copies: engines (ONNX Runtime, TensorRT) need dense
+            # tensors, and nothing wider than a tile is read or converted.
+            tiles = [s.read(y0, y0 + tile_h, x0, x0 + tile_w).contiguous() for s in sources]
             out = fn(*tiles)
-            _check_out(out, inputs[0].shape[0], out_tile_h, out_tile_w, out_channels)
-            if acc is None:
+            _check_out(out, batch, out_tile_h, out_tile_w, out_channels)
+            if out_dtype is None:
                 out_dtype = out.dtype
+            if band is None:
+                # Start this tile row's band, with the rows the previous band shares with it.
                 acc_dtype = torch.float32 if out.dtype in (torch.float16, torch.bfloat16) else out.dtype
-                acc = torch.zeros((out.shape[0], out.shape[1], out_h, out_w), dtype=acc_dtype, device=out.device)
+                band = torch.zeros((out.shape[0], out.shape[1], out_tile_h, out_w), dtype=acc_dtype, device=out.device)
+                if carry is not None:
+                    band[:, :, : carry.shape[2]] = carry
+                band_top, carry = oy, None
             ramp = (_scaled(top, scale, "tile overlap"), _scaled(bottom, scale, "tile overlap"),
                     _scaled(left, scale, "tile overlap"), _scaled(right, scale, "tile overlap"))
             if ramp not in weights:
                 # Only a handful of distinct ramps exist (border, interior, last tile), so cache.
-                weights[ramp] = blend_weights(out_tile_h, out_tile_w, acc.dtype, acc.device, ramp=ramp)
-            weight = weights[ramp]
-            oy, ox = _scaled(y0, scale, "tile start"), _scaled(x0, scale, "tile start")
-            acc[:, :, oy:oy + out_tile_h, ox:ox + out_tile_w].addcmul_(out.to(acc.dtype), weight)
+                weights[ramp] = blend_weights(out_tile_h, out_tile_w, band.dtype, band.device, ramp=ramp)
+            ox = _scaled(x0, scale, "tile start")
+            band[:, :, :, ox:ox + out_tile_w].addcmul_(out.to(band.dtype), weights[ramp])
             del out, tiles
             done += 1
             if progress is not None:
                 progress(done, total)
+    assert band is not None and band_top + band.shape[2] == out_h
+    yield band_top, finish(band, band_top)
 
-    assert acc is not None and out_dtype is not None
-    # The summed weights factor into rows x cols (see summed_weights): divide by each in place.
-    rows, cols = summed_weights(starts_h, starts_w, tile_h, tile_w, scale)
-    acc.div_(rows.to(acc.device, acc.dtype).view(1, 1, -1, 1)).div_(cols.to(acc.device, acc.dtype).view(1, 1, 1, -1))
-    return acc.to(out_dtype)
+
+def _check_inputs(sources: Sequence[RowSource]) -> None:
+    if len(sources) == 0:
+        raise ValueError("tiled_apply needs at least one input")
+    for i, x in enumerate(sources):
+        if len(x.shape) != 4:
+            raise ValueError(f"input {i} must be NCHW, got shape {tuple(x.shape)}")
+        if tuple(x.shape[-2:]) != tuple(sources[0].shape[-2:]):
+            raise ValueError(f"all inputs must share H, W: input 0 is {tuple(sources[0].shape)}, "
+                             f"input {i} is {tuple(x.shape)}")
 
 
 def summed_weights(starts_h: list[int], starts_w: list[int], tile_h: int, tile_w: int, scale: float = 1.0

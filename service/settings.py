@@ -116,7 +116,20 @@ class Settings(BaseSettings):
         description="torch back end: torch.compile the stages (+10% throughput at batch 16 on an H200 "
         "for a ~76 s compile per batch-shape family; for long-lived GPU workers)",
     )
+    spill_dir: str = Field(
+        "",
+        description="directory where the worker keeps the SwinIR output of a large (tiled) image while the flow "
+        "and the decoder run, instead of RAM (an unlinked temporary file; put it on a disk, not a tmpfs); "
+        "empty = RAM. Results are the same bits either way (docs/PERF.md, scaling)",
+    )
     max_batch: int = Field(4, ge=1, le=64, description="most images the worker runs in one batch")
+    batch_lookahead: int = Field(
+        16, ge=0, le=256,
+        description="jobs a worker with a backlog holds to find batch mates for the oldest one (a mixed "
+        "workload has many parameter/size groups); 0 = 2 x max_batch. Held jobs keep their decoded uploads in "
+        "memory, are heartbeated and are handed back on shutdown; with several workers, lower it if some idle "
+        "while another holds a full buffer",
+    )
     max_wait_ms: float = Field(
         10.0, ge=0, description="ms the worker waits for more jobs of the same shape before running a batch, "
         "only when more are likely (jobs queued behind its previous batch); a job that finds the worker idle "
@@ -190,7 +203,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser, fields: list[str] | 
         flags = _FLAG_ALIASES.get(name, [flag_name(name)])
         env = ENV_PREFIX + name.upper()
         kwargs: dict[str, Any] = {"dest": f"setting_{name}", "default": argparse.SUPPRESS,
-                                  "help": f"{info.description} [env {env}]"}
+                                  # argparse formats help with %: a literal one ("+10%") must be doubled.
+                                  "help": f"{(info.description or '').replace('%', '%%')} [env {env}]"}
         if name in _LIST_FIELDS:
             kwargs["action"] = "append"
             kwargs["metavar"] = "VALUE"

@@ -8,7 +8,9 @@ its buffer. A job that arrives at an idle worker is a lone job and starts at onc
 the window. The window is kept by the worker's clock: it asks `JobQueue.take` for the time left,
 and the Redis queue polls waits that short with non-blocking reads instead of a blocking read,
 whose timeout Redis ends only on its timer tick (up to 100 ms late at its default ``hz 10``).
-Other groups wait in a small local buffer (at most 2 x max_batch jobs, kept alive by heartbeats).
+Other groups wait in a local buffer of at most ``batch_lookahead`` jobs (kept alive by heartbeats):
+coming back from a batch to a backlog, the worker reads that far ahead, so a mixed workload (many
+parameter and size groups) still fills batches; the oldest job's group always runs first.
 Just before compute, one queue call (`JobQueue.begin`, one Redis round trip) skips jobs that were
 cancelled or finished elsewhere and marks the rest running; jobs past their deadline are
 acknowledged without compute. Inference runs in a thread, so the event loop keeps heartbeating
@@ -107,6 +109,11 @@ class Worker:
     def max_batch(self) -> int:
         return self.settings.max_batch
 
+    @property
+    def buffer_capacity(self) -> int:
+        """Most jobs held at once (the batch being formed and those read ahead for batch mates)."""
+        return max(self.max_batch, self.settings.batch_lookahead or 2 * self.max_batch)
+
     def request_stop(self) -> None:
         """Finish the batch in progress, hand back the rest, then leave (SIGTERM)."""
         if not self._stopping:
@@ -164,7 +171,9 @@ class Worker:
             # Back from a batch: what is already queued came while we computed (a backlog, so batch
             # mates are likely). An idle worker blocks instead; what wakes it is a lone arrival
             # unless one read brings several jobs.
-            taken = await self.queue.take(tasks, self.worker_id, self.max_batch, 0.0) if self._busy else []
+            # Read ahead as far as the buffer allows: in a mixed backlog the oldest job's batch mates
+            # may be far behind it.
+            taken = await self.queue.take(tasks, self.worker_id, self.buffer_capacity, 0.0) if self._busy else []
             backlog = bool(taken)
             if not taken:
                 self._busy = False
@@ -198,12 +207,11 @@ class Worker:
             wait_until = head.delivery.received_at + self.settings.max_wait_ms / 1000.0
             while not self._stopping and self._group_size(key) < self.max_batch:
                 remaining = wait_until - time.monotonic()
-                room = 2 * self.max_batch - len(self._buffer)
+                room = self.buffer_capacity - len(self._buffer)
                 if remaining <= 0 or room <= 0:
                     break
                 waited = True
-                await self._prepare(await self.queue.take(tasks, self.worker_id, min(room, self.max_batch),
-                                                          remaining))
+                await self._prepare(await self.queue.take(tasks, self.worker_id, room, remaining))
         batch = [p for p in self._buffer if p.key == key][: self.max_batch]
         taken_ids = {id(p) for p in batch}
         self._buffer = [p for p in self._buffer if id(p) not in taken_ids]

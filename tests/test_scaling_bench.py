@@ -49,14 +49,16 @@ def test_image_shape_and_size_parsing():
             bench.parse_sizes(bad)
 
 
-def test_scaling_bench_runs_on_tiny_sizes(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("path_args", [["--path", "streamed", "--spill-dir", "SPILL"], ["--path", "batch"]])
+def test_scaling_bench_runs_on_tiny_sizes(tiny_model_dir, tmp_path, path_args):
     # Both sizes have a side > 512 px, so tiling engages (two pixel tiles, then three) while each
     # tile stays a thin 512 x 64 strip: cheap enough for the tiny model on a CPU.
     out = tmp_path / "scaling"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--model", str(tiny_model_dir), "--sizes", "576x64,1088x64",
-         "--sampler", "one_step", "--device", "cpu", "--threads", "1", "--no-warmup", "--out", str(out)],
+         "--sampler", "one_step", "--device", "cpu", "--threads", "1", "--no-warmup", "--out", str(out),
+         *[str(tmp_path) if a == "SPILL" else a for a in path_args]],
         capture_output=True, text=True, env=env, timeout=280, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -67,6 +69,8 @@ def test_scaling_bench_runs_on_tiny_sizes(tiny_model_dir, tmp_path):
     assert report["sampler"] == "one_step" and report["tile"] == "on" and report["threads"] == 1
     rows = report["rows"]
     assert [(r["h"], r["w"]) for r in rows] == [(576, 64), (1088, 64)]
+    assert {r["path"] for r in rows} == {path_args[1]}
+    assert [p.name for p in tmp_path.iterdir()] == ["scaling"]  # no spill file left behind
     for row in rows:
         assert row["tiled"] is True
         for key in ("wall_s", "pixels", "seconds_per_megapixel", "peak_increase_bytes", "image_sized_bytes",

@@ -41,7 +41,8 @@ def runner_factory(settings: Any, models: dict) -> Any:
         from service.runner import PipelineRunner  # torch: the worker side only
 
         return PipelineRunner(model_dirs, device=settings.device, dtype=settings.dtype, backend=settings.backend,
-                              cuda_graphs=settings.cuda_graphs, torch_compile=settings.torch_compile)
+                              cuda_graphs=settings.cuda_graphs, torch_compile=settings.torch_compile,
+                              spill_dir=settings.spill_dir)
 
     return load_runner
 

@@ -41,6 +41,27 @@ def test_every_field_is_an_env_var_and_a_flag_with_a_description():
         assert flag in flags, name
 
 
+def test_every_command_prints_its_help():
+    """argparse formats help texts with %: a description with a literal % used to crash --help."""
+    from service.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"serve", "api", "worker", "enhance"} <= set(commands)
+    for name, sub in commands.items():
+        text = sub.format_help()
+        assert "[env FLOWIE_" in text or name not in ("serve", "api", "worker"), name
+    assert "(+10%" in commands["serve"].format_help()
+
+
+def test_settings_table_in_the_docs_lists_every_field():
+    from pathlib import Path
+
+    table = (Path(__file__).resolve().parents[2] / "docs" / "SETTINGS.md").read_text()
+    for name in Settings.model_fields:
+        assert f"`FLOWIE_{name.upper()}`" in table, name
+
+
 def test_env_vars_are_read_and_flags_win(monkeypatch):
     monkeypatch.setenv("FLOWIE_MAX_QUEUE", "7")
     monkeypatch.setenv("FLOWIE_MAX_BATCH", "3")

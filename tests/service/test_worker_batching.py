@@ -193,6 +193,50 @@ def test_jobs_queued_while_the_worker_computes_wait_for_batch_mates(tiny_runner,
     assert {r.batch_size for r in results[1:]} == {3}
 
 
+def _mixed_backlog_batches(tiny_runner, make_settings, lookahead: int) -> list[int]:
+    """Sizes of the batches a worker runs for a backlog of four interleaved groups (A B C D A B C D)."""
+    settings = make_settings(max_batch=2, max_wait_ms=LONG_WINDOW_MS, batch_lookahead=lookahead)
+    groups = [dict(sampler="one_step"), dict(sampler="euler", steps=1), dict(sampler="euler", steps=2),
+              dict(sampler="restore_only")]
+    first = make_job(90, 90, deadline_s=600)  # a busy CI machine must not expire them
+    backlog = [make_job(90, 90, deadline_s=600, **groups[i % 4]) for i in range(8)]
+    loop_holder: dict = {}
+    queue, metrics = MemoryJobQueue(32, 60), Metrics()
+
+    def submit_backlog_during_first_batch():  # in the compute thread, while the first batch runs
+        if len(runner.batches) == 1:
+            for job in backlog:
+                asyncio.run_coroutine_threadsafe(queue.submit(job, wait=False), loop_holder["loop"]).result()
+
+    runner = Recording(tiny_runner, on_batch=submit_backlog_during_first_batch)
+    worker = Worker(queue, lambda: runner, settings, metrics)
+
+    async def scenario():
+        loop_holder["loop"] = asyncio.get_running_loop()
+        await queue.submit(first, wait=False)
+        task = asyncio.create_task(worker.run())
+        results = [await queue.wait(j.id, 600) for j in (first, *backlog)]
+        worker.request_stop()
+        await task
+        return results
+
+    results = asyncio.run(scenario())
+    assert [r.state if r else None for r in results] == ["done"] * 9
+    return [len(shapes) for _, shapes, _ in runner.batches]
+
+
+def test_a_mixed_backlog_fills_batches_when_the_worker_reads_ahead(tiny_runner, make_settings):
+    # Reading 8 ahead, every group of the backlog finds its mate: four full batches of two.
+    assert _mixed_backlog_batches(tiny_runner, make_settings, lookahead=8) == [1, 2, 2, 2, 2]
+
+
+def test_a_buffer_of_two_batches_runs_a_mixed_backlog_one_job_at_a_time(tiny_runner, make_settings):
+    # The previous behaviour (a buffer of 2 x max_batch = 4 jobs): the oldest job's mate is always
+    # further back than the buffer reaches, so the window ends as soon as the buffer is full and
+    # every job runs alone. This is what the read-ahead fixes (docs/PERF.md, finding 5).
+    assert _mixed_backlog_batches(tiny_runner, make_settings, lookahead=4) == [1] * 9
+
+
 # --- on Redis ------------------------------------------------------------------------------------
 class CommandLog(threading.Thread):
     """Every command clients send to the redis-server (MONITOR), by name, until `stop`."""
