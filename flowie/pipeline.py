@@ -87,8 +87,10 @@ class Pipeline:
         self.device = torch.device(device)
         self.backend = backend
         # Where a streamed run keeps the SwinIR output: None = host RAM, a directory = a spill
-        # file there (flowie.rowstore). Only tiled single images stream; see run_streamed.
+        # file there when the output has at least spill_min_bytes (flowie.rowstore.spill_policy
+        # sets both from a setting). Only tiled single images stream; see run_streamed.
         self.spill_dir = spill_dir
+        self.spill_min_bytes = 0
         self.null_context = null_context.to(self.device, torch.float32)
         self.sampler_config = dict(info.meta.get("sampler_config", {}))
         tiling_cfg = info.meta.get("tiling", {})
@@ -237,7 +239,8 @@ class Pipeline:
         if p.color_fix not in STREAMABLE_COLOR_FIXES:
             raise ValueError(f"run_streamed cannot apply the {p.color_fix!r} colour fix; use run_batch")
         timings: dict[str, float] = {}
-        with RowStore(3, h, w, self.spill_dir) as restored:
+        spill = self.spill_dir if self.spill_dir and 12 * h * w >= self.spill_min_bytes else None
+        with RowStore(3, h, w, spill) as restored:
             def swinir() -> None:
                 source = _Uint8Rows(work, self.device)
                 for top, rows in tiling.tiled_rows(self.stages["swinir"], [source], PIXEL_TILE, PIXEL_STRIDE):

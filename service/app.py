@@ -569,7 +569,10 @@ def create_app(settings: Settings, queue: JobQueue, models: dict[str, ModelInfo]
         checks: dict[str, Any] = {"models": list(models), "draining": bool(app.state.draining)}
         reasons = []
         if worker is not None and not worker.ready:
-            reasons.append(f"model load failed: {worker.load_error}" if worker.load_error else "models loading")
+            if worker.crashed:
+                reasons.append(f"worker stopped by an error (see the log): {worker.crashed}")
+            else:
+                reasons.append(f"model load failed: {worker.load_error}" if worker.load_error else "models loading")
         try:
             await queue.ping()
             checks["queue"] = "ok"

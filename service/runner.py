@@ -39,11 +39,14 @@ class PipelineRunner:
 
     def __init__(self, model_dirs: list[Path], *, device: str = "cpu", dtype: str = "auto",
                  backend: str = "torch", cuda_graphs: bool = True, torch_compile: bool = False,
-                 spill_dir: str = "") -> None:
+                 spill_dir: str = "auto") -> None:
         from engines import build_pipeline  # torch: the worker side only
+        from flowie.rowstore import spill_policy
 
-        if spill_dir and not Path(spill_dir).is_dir():
-            raise ValueError(f"FLOWIE_SPILL_DIR={spill_dir!r} is not a directory: create it (on a disk) or leave it empty")
+        try:
+            spill_to, spill_min_bytes = spill_policy(spill_dir, device)
+        except ValueError as exc:
+            raise ValueError(f"FLOWIE_SPILL_DIR: {exc}") from None
         self.device = device
         on_cuda = device.startswith("cuda")
         # Engine settings chosen by the H200 benchmark (docs/PERF.md): fp16, CUDA graphs on CUDA.
@@ -56,7 +59,7 @@ class PipelineRunner:
         for model_dir in model_dirs:
             # torch modules, onnxruntime sessions or TensorRT plans (`flowie export` / `build-engines`)
             pipe = build_pipeline(model_dir, backend=backend, device=device, dtype=dtype, **options)
-            pipe.spill_dir = spill_dir or None  # where a large image's SwinIR output waits (None: RAM)
+            pipe.spill_dir, pipe.spill_min_bytes = spill_to, spill_min_bytes  # where a large image's SwinIR output waits
             task = pipe.info.task
             if task in self.pipelines:
                 raise ValueError(f"two model directories serve task {task!r}: "

@@ -117,10 +117,11 @@ class Settings(BaseSettings):
         "for a ~76 s compile per batch-shape family; for long-lived GPU workers)",
     )
     spill_dir: str = Field(
-        "",
-        description="directory where the worker keeps the SwinIR output of a large (tiled) image while the flow "
-        "and the decoder run, instead of RAM (an unlinked temporary file; put it on a disk, not a tmpfs); "
-        "empty = RAM. Results are the same bits either way (docs/PERF.md, scaling)",
+        "auto",
+        description="where the worker keeps the SwinIR output of a large (tiled) image while the flow and the "
+        "decoder run: auto = on the CPU, outputs over 64 MiB (about 5.6 MP) go to an unlinked file in the "
+        "system temp directory, on a GPU host RAM; off = RAM; or a directory (on a disk, not a tmpfs). "
+        "Results are the same bits either way (docs/PERF.md, scaling)",
     )
     max_batch: int = Field(4, ge=1, le=64, description="most images the worker runs in one batch")
     batch_lookahead: int = Field(

@@ -94,6 +94,7 @@ class Worker:
         self.runner: Runner | None = None
         self.ready = False
         self.load_error: str | None = None
+        self.crashed: str | None = None  # the error that stopped the loop after the models loaded
         self._stopping = False
         self._buffer: list[_Prepared] = []
         self._inbox: list[Delivery] = []  # reclaimed by the heartbeat, not yet prepared
@@ -143,6 +144,11 @@ class Worker:
                     log.warning("queue unavailable: %s; retrying in %.1f s", exc, backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(2.0, backoff * 2)
+        except Exception as exc:
+            # A bug, not a queue outage: say so in the log and in /readyz instead of going quiet.
+            self.crashed = f"{type(exc).__name__}: {exc}"
+            log.exception("worker loop stopped by an error", extra={"worker_id": self.worker_id})
+            raise
         finally:
             self.ready = False
             heartbeat.cancel()

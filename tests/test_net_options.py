@@ -14,7 +14,16 @@ from flowie.nets.flow_unet import FlowUNet, UNetConfig
 from flowie.nets.swinir import SwinIR, SwinIRConfig
 from flowie.nets.vae import CondEncoder, VaeConfig, VaeDecoder
 from flowie.presets import PRESETS
-from flowie.train.trainer import ARCHS, DEMO_SWINIR, DEMO_UNET, DEMO_VAE, PHASES, PhaseConfig, TrainConfig, Trainer
+from flowie.train.trainer import (
+    ARCHS,
+    DEMO_SWINIR,
+    DEMO_UNET,
+    DEMO_VAE,
+    PHASES,
+    PhaseConfig,
+    TrainConfig,
+    Trainer,
+)
 
 TINY_SWINIR = SwinIRConfig(img_size=8, embed_dim=16, depths=(1,), num_heads=(2,), window_size=8, num_feat=16)
 

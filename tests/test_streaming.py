@@ -240,3 +240,41 @@ def test_run_streamed_refuses_what_it_cannot_stream(small_tile_pipe):
         small_tile_pipe.run_streamed(_image(100, 128), ok, seed=1)
     with pytest.raises(ValueError, match="uint8"):
         small_tile_pipe.run_streamed(_image(128, 128).astype(np.float32), ok, seed=1)
+
+
+def test_spill_policy_auto_spills_large_outputs_on_the_cpu_only(tmp_path):
+    import tempfile
+
+    from flowie.rowstore import AUTO_SPILL_MIN_BYTES, spill_policy
+
+    assert spill_policy("auto", "cpu") == (tempfile.gettempdir(), AUTO_SPILL_MIN_BYTES)
+    assert spill_policy("", "cpu") == (tempfile.gettempdir(), AUTO_SPILL_MIN_BYTES)
+    assert spill_policy("auto", "cuda:0") == (None, 0)  # host RAM is off the card already
+    assert spill_policy("off", "cpu") == (None, 0)
+    assert spill_policy(str(tmp_path), "cuda") == (str(tmp_path), 0)
+    with pytest.raises(ValueError, match="does not exist"):
+        spill_policy(str(tmp_path / "missing"), "cpu")
+
+
+def test_run_streamed_spills_only_stores_above_the_threshold(small_tile_pipe, tmp_path, monkeypatch):
+    import flowie.pipeline as pipeline_module
+
+    opened = []
+
+    class SeenRowStore(RowStore):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            opened.append(self.spilled)
+
+    monkeypatch.setattr(pipeline_module, "RowStore", SeenRowStore)
+    params = EnhanceParams(sampler="restore_only", color_fix="none", upscale=1.0, min_side=0, tile="auto")
+    work = _image(128, 128)  # a 196,608-byte float32 store
+    small_tile_pipe.spill_dir = str(tmp_path)
+    try:
+        small_tile_pipe.spill_min_bytes = 12 * 128 * 128 + 1
+        small_tile_pipe.run_streamed(work, params, seed=1)
+        small_tile_pipe.spill_min_bytes = 12 * 128 * 128
+        small_tile_pipe.run_streamed(work, params, seed=1)
+    finally:
+        small_tile_pipe.spill_dir, small_tile_pipe.spill_min_bytes = None, 0
+    assert opened == [False, True]

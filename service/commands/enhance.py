@@ -24,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--backend", default="torch", choices=["torch", "onnx", "tensorrt"])
-    parser.add_argument("--spill-dir", default=None,
-                        help="keep a large image's SwinIR output in a temporary file here instead of RAM")
+    parser.add_argument("--spill-dir", default="auto",
+                        help="where a large image's SwinIR output waits: auto (a temp file on the CPU for "
+                             "outputs over 64 MiB), off (RAM) or a directory")
     parser.add_argument("--save-restored", action="store_true", help="also write the stage-1 (SwinIR) output")
 
 
@@ -85,8 +86,12 @@ def run(args: argparse.Namespace) -> int:
         if noise.shape[0] != len(items):
             print(f"flowie enhance: --noise has {noise.shape[0]} rows for {len(items)} images", file=sys.stderr)
             return 2
-    if args.spill_dir and not Path(args.spill_dir).is_dir():
-        print(f"flowie enhance: --spill-dir {args.spill_dir} is not a directory; create it first", file=sys.stderr)
+    from flowie.rowstore import spill_policy
+
+    try:
+        spill_to, spill_min_bytes = spill_policy(args.spill_dir, args.device)
+    except ValueError as exc:
+        print(f"flowie enhance: --spill-dir: {exc}", file=sys.stderr)
         return 2
     if args.backend == "torch":
         from flowie.pipeline import Pipeline
@@ -96,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         from engines import build_pipeline
 
         pipe = build_pipeline(model_dir, backend=args.backend, device=args.device, dtype=args.dtype)
-    pipe.spill_dir = args.spill_dir
+    pipe.spill_dir, pipe.spill_min_bytes = spill_to, spill_min_bytes
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, (stem, image) in enumerate(tqdm(items, desc="enhance", unit="img", file=sys.stderr)):

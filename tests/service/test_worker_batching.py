@@ -237,6 +237,27 @@ def test_a_buffer_of_two_batches_runs_a_mixed_backlog_one_job_at_a_time(tiny_run
     assert _mixed_backlog_batches(tiny_runner, make_settings, lookahead=4) == [1] * 9
 
 
+def test_an_error_in_the_worker_loop_is_logged_and_reported_not_silent(tiny_runner, make_settings, caplog):
+    async def broken_take(timeout_s):
+        raise RuntimeError("a bug in take")
+
+    queue = TakeLog(16, 60, on_take=broken_take)
+    worker = Worker(queue, lambda: tiny_runner, make_settings(), Metrics())
+
+    async def scenario():
+        try:
+            await worker.run()
+        except RuntimeError as exc:
+            return str(exc)
+        return None
+
+    with caplog.at_level("ERROR", logger="flowie.service.worker"):
+        raised = asyncio.run(scenario())
+    assert raised == "a bug in take"
+    assert worker.crashed == "RuntimeError: a bug in take" and not worker.ready
+    assert any("worker loop stopped" in r.getMessage() for r in caplog.records)
+
+
 # --- on Redis ------------------------------------------------------------------------------------
 class CommandLog(threading.Thread):
     """Every command clients send to the redis-server (MONITOR), by name, until `stop`."""
