@@ -121,9 +121,11 @@ class RowStore:
             self.close()
 
 
-# ``spill_policy("auto", "cpu")`` spills only outputs larger than this: about 5.6 megapixels of
-# work size. Smaller images are quick to hold, and most requests are far smaller.
-AUTO_SPILL_MIN_BYTES = 64 * 1024 * 1024
+# ``spill_policy("auto", "cpu")`` spills only outputs larger than this: about 1.4 megapixels of
+# work size. Smaller ones are cheap to hold; above it, the memory that stays stays flat as images
+# grow (docs/PERF.md, scaling), and the file costs a write and a read of the output, which is small
+# next to the CPU compute of such an image.
+AUTO_SPILL_MIN_BYTES = 16 * 1024 * 1024
 
 
 def spill_policy(setting: str | None, device: str) -> tuple[str | None, int]:
@@ -131,8 +133,8 @@ def spill_policy(setting: str | None, device: str) -> tuple[str | None, int]:
 
     ``"auto"`` (or empty): on the CPU, stores above ``AUTO_SPILL_MIN_BYTES`` go to the system's
     temporary directory, where the page cache holds them instead of the process (measured: 16 MP
-    peak memory 1.01x that of 4 MP instead of 1.29x, docs/PERF.md); on a GPU they stay in host
-    RAM, which is off the card already. ``"off"``: always RAM. A directory: always there.
+    peak memory 1.05x that of 4 MP, against 1.29x in RAM; docs/PERF.md); on a GPU they stay in
+    host RAM, which is off the card already. ``"off"``: always RAM. A directory: always there.
     """
     value = (setting or "auto").strip()
     if value.lower() == "off":

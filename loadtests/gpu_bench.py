@@ -488,6 +488,7 @@ class Bench:
         a = self.args
         config = TINY_CONFIG if a.tiny else load_config("bfr_v1")
         spec = parse_config(config, task="bfr")
+        self.spec = spec
         stage_cfgs = _stage_configs(spec)
         self.context_dim = spec.unet.context_dim
         torch.manual_seed(a.seed)
@@ -1037,6 +1038,76 @@ class Bench:
                 if fl:
                     src["x_floor"] = src["ms_per_img"] / fl
 
+    # -------------------------------------------------------------- scaling with image size
+
+    def sec_scaling(self, rec: dict, dtype: torch.dtype) -> None:
+        """Issue 6, part 3 on the device: peak device memory and time against image size.
+
+        The serving pipeline itself (flowie.pipeline.Pipeline, eager, tiles on, one step, wavelet fix)
+        on these networks: ``run_streamed`` (what ``enhance`` runs for a lone large image: the card
+        holds tiles, bands and latents; image-sized buffers live in host RAM) and, for comparison,
+        ``run_batch`` (float32 images on the device). Memory is ``max_memory_allocated`` above what
+        was allocated before the call (weights and the input), per size and path.
+        """
+        from flowie.convert import model_meta
+        from flowie.modeldir import ModelInfo
+        from flowie.params import EnhanceParams
+        from flowie.pipeline import Pipeline
+
+        a = self.args
+        mods = self.modules_for(dtype, False)
+        stages = {n: StageRunner(mods[n], dtype, False) for n in STAGES}
+        meta = model_meta(self.spec, tuple(self.null_context[:1].shape), {"name": "gpu-bench random weights"})
+        pipe = Pipeline(ModelInfo(path=self.out_dir, meta=meta), stages, self.null_context[:1], device=self.device)
+        params = EnhanceParams(sampler="one_step", color_fix="wavelet", upscale=1.0, min_side=0, tile="on")
+        rec.update(dtype=str(dtype).replace("torch.", ""), sampler="one_step", rows=[])
+        gen = torch.Generator(device="cpu").manual_seed(a.seed + 2)
+        for h, w in a.scaling_sizes:
+            low = torch.rand(1, 3, max(1, h // 32), max(1, w // 32), generator=gen)
+            image = F.interpolate(low, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1)
+            work = (image[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+            row: dict = {"h": h, "w": w, "megapixels": h * w / 1e6}
+            for path in ("streamed", "batch"):
+                if self.remaining() < 20:
+                    row[path] = {"skipped": "budget"}
+                    continue
+                if self.cuda:
+                    torch.cuda.synchronize(self.device)
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(self.device)
+                    before = torch.cuda.memory_allocated(self.device)
+                t0 = time.perf_counter()
+                if path == "streamed":
+                    out = pipe.run_streamed(work, params, seed=0)
+                    timings = out.timings
+                    del out
+                else:
+                    lq = torch.from_numpy(work).permute(2, 0, 1)[None].float().div_(255).to(self.device)
+                    if self.cuda:
+                        before = torch.cuda.memory_allocated(self.device)  # the float input is the baseline
+                    out = pipe.run_batch(lq, params, seeds=[0])
+                    timings = out.timings
+                    del out, lq
+                self.sync()
+                entry = {"s": round(time.perf_counter() - t0, 3), "stages_s": {k: round(v, 4) for k, v in timings.items()}}
+                if self.cuda:
+                    entry["peak_mib"] = round((torch.cuda.max_memory_allocated(self.device) - before) / 2**20, 1)
+                row[path] = entry
+                log(f"scaling {h}x{w} {path}: {entry['s']:.2f} s" + (f", peak +{entry['peak_mib']:.0f} MiB"
+                                                                      if "peak_mib" in entry else ""))
+            rec["rows"].append(row)
+            self.save()
+        rows = [r for r in rec["rows"] if "peak_mib" in r.get("streamed", {})]
+        if len(rows) >= 2:
+            rec["streamed_peak_ratio_last_two"] = rows[-1]["streamed"]["peak_mib"] / max(rows[-2]["streamed"]["peak_mib"], 1e-9)
+        timed = [r for r in rec["rows"] if "s" in r.get("streamed", {})]
+        if len(timed) >= 2:
+            first = timed[0]
+            rec["streamed_s_per_pixel_vs_first"] = [
+                (r["streamed"]["s"] / (r["h"] * r["w"])) / (first["streamed"]["s"] / (first["h"] * first["w"]))
+                for r in timed]
+        self.data["scaling"] = rec
+
     # -------------------------------------------------------------- choices between sections
 
     def best_half(self) -> str:
@@ -1154,6 +1225,8 @@ class Bench:
         half = self.best_half()
         hdtype = torch.float16 if half == "fp16" else torch.bfloat16
         mode_section(Mode(f"{half}_eager_cl", hdtype, channels_last=True), skip=skip_unless("eager_cl"))
+        self.section("scaling", lambda rec: self.sec_scaling(rec, hdtype if self.cuda or a.cpu_fp16 else torch.float32),
+                     min_s=0 if a.tiny else 60, skip_reason=skip_unless("scaling"))
         cl = self.use_channels_last(half)
         suffix = "_cl" if cl else ""
         mode_section(Mode(f"{half}{suffix}_graphs", hdtype, channels_last=cl, graphs=True), needs_cuda=True,
@@ -1293,6 +1366,16 @@ class Bench:
             state = "-" if t["met"] is None else ("met" if t["met"] else "MISSED")
             lines.append(f"target {key} {'<=' if key == 'bfr_b1_ms' else '>='} {t['goal']:g}: "
                          f"best {f(t['best'], '.2f')} ({t['mode']}) {state}")
+        scaling = self.data.get("scaling", {})
+        if scaling.get("rows"):
+            def cell(r, path):
+                e = r.get(path, {})
+                return f"{f(e.get('s'), '.2f')} s" + (f"/{e['peak_mib']:.0f} MiB" if "peak_mib" in e else "")
+
+            lines.append(f"scaling ({scaling.get('dtype')}, one step, tiles): " + "; ".join(
+                f"{r['megapixels']:.2g} MP streamed {cell(r, 'streamed')}, batch {cell(r, 'batch')}" for r in scaling["rows"])
+                + (f"; streamed peak last/previous {scaling['streamed_peak_ratio_last_two']:.2f}x (goal <= 1.2)"
+                   if "streamed_peak_ratio_last_two" in scaling else ""))
         skipped = [f"{s['name']} ({s['reason']})" for s in self.data["sections"] if s["status"] == "skipped"]
         errors = [f"{s['name']}: {s.get('error', '')[:120]}" for s in self.data["sections"] if s["status"] == "error"]
         partial = [f"{s['name']} ({'; '.join(s.get('entry_errors', [])[:2]) or 'budget'})"
@@ -1368,7 +1451,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check-batch", type=int, default=None, help="batch whose outputs are compared with fp32 (default 4)")
     p.add_argument("--modes", default=None,
                    help="comma list to run only some of: fp32_eager, fp16_eager, bf16_eager, eager_cl, graphs, compile, "
-                        "compile_graphs, tf32, autotune (default: all)")
+                        "compile_graphs, tf32, autotune, scaling (default: all)")
     p.add_argument("--half", choices=("auto", "fp16", "bf16"), default="auto",
                    help="half precision of the later modes (auto: by the eager results)")
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto")
@@ -1395,6 +1478,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="aim for this much timed work per measurement (default 0.5; tiny 0.05)")
     p.add_argument("--matmul-n", type=int, default=None, help="matmul size for the peak rate (default 8192; tiny 256)")
     p.add_argument("--copy-mib", type=int, default=None, help="copy size for the bandwidth (default 1024; tiny 16)")
+    p.add_argument("--scaling-sizes", default=None,
+                   help="HxW,HxW,... for the scaling section (default 1024x960,1984x2048,3968x4032 = 1/4/16 MP; "
+                        "tiny 576x64,1088x64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 with --tiny, where a shared CPU makes more threads far "
@@ -1428,6 +1514,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.copy_mib is None:
         args.copy_mib = 16 if tiny else 1024
     args.modes = [m.strip() for m in args.modes.split(",")] if args.modes else None
+    try:
+        args.scaling_sizes = [tuple(int(v) for v in item.lower().split("x")) for item in
+                              (args.scaling_sizes or ("576x64,1088x64" if tiny else "1024x960,1984x2048,3968x4032")).split(",")]
+    except ValueError:
+        p.error("--scaling-sizes takes HxW,HxW,... (e.g. 1024x960,1984x2048)")
+    if any(len(hw) != 2 or hw[0] % 64 or hw[1] % 64 for hw in args.scaling_sizes):
+        p.error("--scaling-sizes: each size is HxW with both sides multiples of 64")
     stages = ("flow_unet", "vae_decoder", "cond_encoder", "swinir") if args.compile_stages == "all" else tuple(s.strip() for s in args.compile_stages.split(","))
     unknown = [s for s in stages if s not in STAGES]
     if unknown:

@@ -276,7 +276,10 @@ def run_child(args) -> dict:
 
     warmup_s = None
     streamed = args.path == "streamed"
-    pipe.spill_dir = args.spill_dir
+    if args.spill_dir:
+        from flowie.rowstore import spill_policy
+
+        pipe.spill_dir, pipe.spill_min_bytes = spill_policy(args.spill_dir, args.device)
     if args.warmup:
         # One tile-sized image: the same tile shapes as the measured run, untiled; pays lazy
         # initialisation and kernel selection once so every size has the same fixed cost.
@@ -705,7 +708,8 @@ def write_report(args, argv, started, t_start, rows, raw, complete: bool) -> tup
         "raw": raw,
     }
     plot_path = args.plot or args.out / "scaling.png"
-    where = f"{args.path}" + (", SwinIR output spilled" if args.path == "streamed" and args.spill_dir else "")
+    spill = args.spill_dir if args.path == "streamed" and args.spill_dir not in (None, "off") else None
+    where = f"{args.path}" + (f", spill {spill}" if spill in ("auto",) else ", SwinIR output spilled" if spill else "")
     title = (f"FlowIE scaling, {where}, tile=on, {report['sampler']}, {args.device} {device_name}, "
              f"{args.dtype}, {report['threads']} thread(s), {report['date_utc'][:10]}")
     if len(rows) >= 2:
@@ -729,7 +733,8 @@ def parse_args(argv=None):
                     help="streamed: Pipeline.run_streamed on the uint8 image, what `enhance` runs for a lone tiled "
                          "image (default); batch: Pipeline.run_batch on a float32 batch of one")
     ap.add_argument("--spill-dir", default=None,
-                    help="streamed path: keep the SwinIR output in a temporary file here instead of RAM")
+                    help="streamed path: where the SwinIR output waits, as FLOWIE_SPILL_DIR reads it (auto, off "
+                         "or a directory; default: RAM, i.e. off)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--dtype", default="float32", help="network dtype (float32, float16, bfloat16)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

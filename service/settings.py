@@ -119,7 +119,7 @@ class Settings(BaseSettings):
     spill_dir: str = Field(
         "auto",
         description="where the worker keeps the SwinIR output of a large (tiled) image while the flow and the "
-        "decoder run: auto = on the CPU, outputs over 64 MiB (about 5.6 MP) go to an unlinked file in the "
+        "decoder run: auto = on the CPU, outputs over 16 MiB (about 1.4 MP of work size) go to an unlinked file in the "
         "system temp directory, on a GPU host RAM; off = RAM; or a directory (on a disk, not a tmpfs). "
         "Results are the same bits either way (docs/PERF.md, scaling)",
     )

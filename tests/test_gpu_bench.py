@@ -151,3 +151,16 @@ def test_psnr_of_clamped_images():
     nan = ref.clone()
     nan[0, 0, 0, 0] = float("nan")
     assert bench.psnr_db(nan, ref) == {"nonfinite": 1, "exact": False, "psnr_db": None, "ok": False}
+
+
+def test_tiny_run_measures_the_pipeline_against_image_size(tiny_run):
+    data, _, out = tiny_run
+    sections = {s["name"]: s for s in data["sections"]}
+    assert sections["scaling"]["status"] == "done", sections["scaling"]
+    rows = data["scaling"]["rows"]
+    assert [(r["h"], r["w"]) for r in rows] == [(576, 64), (1088, 64)]
+    for row in rows:
+        for path in ("streamed", "batch"):
+            assert row[path]["s"] > 0 and row[path]["stages_s"]["vae_decoder"] > 0, row
+            assert "peak_mib" not in row[path]  # device memory is read on CUDA only
+    assert "scaling (float32, one step, tiles)" in (out / "gpu_bench_table.txt").read_text()

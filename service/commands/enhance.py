@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="torch", choices=["torch", "onnx", "tensorrt"])
     parser.add_argument("--spill-dir", default="auto",
                         help="where a large image's SwinIR output waits: auto (a temp file on the CPU for "
-                             "outputs over 64 MiB), off (RAM) or a directory")
+                             "outputs over 16 MiB), off (RAM) or a directory")
     parser.add_argument("--save-restored", action="store_true", help="also write the stage-1 (SwinIR) output")
 
 
