@@ -8,7 +8,12 @@ if ! python3 -c "import torch" 2>/dev/null; then
   # A CPU build; on a GPU host install the CUDA build of your choice first instead.
   python3 -m pip install -q torch==2.13.0
 fi
-if ! python3 -c "import flowie, fastapi, diffusers" 2>/dev/null || ! command -v flowie >/dev/null; then
+# Installed, and installed from this checkout: checked from outside it (here the current directory
+# would shadow an install that points elsewhere, e.g. a clone that was moved).
+repo="$PWD"
+if ! (cd / && python3 -c "import os, sys, flowie, service, fastapi, diffusers
+sys.exit(os.path.dirname(os.path.dirname(os.path.abspath(service.__file__))) != sys.argv[1])" "$repo") 2>/dev/null \
+    || ! command -v flowie >/dev/null; then
   python3 -m pip install -q -e .
 fi
 exec flowie serve "$@"
