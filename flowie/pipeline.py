@@ -258,26 +258,32 @@ class Pipeline:
             velocity = self._velocity(c_latent, self.null_context.expand(1, -1, -1), tiled=True)
             latent = self._timed("flow_unet", timings, lambda: self._sample(velocity, x_T, p, on_step))
             image = np.empty((h, w, 3), dtype=np.uint8)
-            fix_seconds = [0.0]
+            decoder_seconds = [0.0]
+
+            def decoded_rows():
+                # The decoder's tile rows, timed apart from the colour fix that pulls them.
+                rows = tiling.tiled_rows(self.stages["vae_decoder"], [latent], self.decoder_tile,
+                                         self.decoder_stride, scale=8)
+                while True:
+                    start = time.perf_counter()
+                    block = next(rows, None)
+                    self._sync()
+                    decoder_seconds[0] += time.perf_counter() - start
+                    if block is None:
+                        return
+                    yield block
+                    del block  # before the next tile row runs
 
             def decode_and_fix() -> None:
-                decoded = tiling.tiled_rows(self.stages["vae_decoder"], [latent], self.decoder_tile,
-                                            self.decoder_stride, scale=8)
-                fixed = decoded if p.color_fix == "none" else wavelet_fix_rows(decoded, restored.read, h)
-                while True:
-                    block = next(fixed, None)  # the decoder runs inside next(); the fix's time is measured below
-                    if block is None:
-                        break
-                    start = time.perf_counter()
-                    top, rows = block
+                fixed = decoded_rows() if p.color_fix == "none" else wavelet_fix_rows(decoded_rows(), restored.read, h)
+                for top, rows in fixed:
                     image[top:top + rows.shape[2]] = imageops.tensor_to_uint8(rows)[0]
-                    del block, rows  # before the next tile row runs
-                    fix_seconds[0] += time.perf_counter() - start
+                    del rows  # before the next tile row runs
 
             self._timed("vae_decoder", timings, decode_and_fix)
-            # The fix and the uint8 conversion ran between decoder tile rows: report them apart.
-            timings["vae_decoder"] -= fix_seconds[0]
-            timings["colour_fix"] = fix_seconds[0]
+            # The fix and the uint8 conversion ran between the decoder's tile rows: report them apart.
+            timings["colour_fix"] = timings["vae_decoder"] - decoder_seconds[0]
+            timings["vae_decoder"] = decoder_seconds[0]
             stage1 = _store_to_uint8(restored) if keep_restored else None
         return StreamedOutput(image=image, restored=stage1, latent=latent, timings=timings)
 
@@ -349,13 +355,15 @@ class Pipeline:
     def _latent_to_pixels(self, fn, z, tiled):
         return tiling.tiled_apply(fn, [z], self.decoder_tile, self.decoder_stride, scale=8) if tiled else fn(z)
 
-    def _timed(self, name: str, timings: dict[str, float], fn):
+    def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _timed(self, name: str, timings: dict[str, float], fn):
+        self._sync()
         start = time.perf_counter()
         out = fn()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self._sync()
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
         return out
 
