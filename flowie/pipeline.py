@@ -33,7 +33,7 @@ MIN_PADDED_SIDE = 128
 @dataclass
 class EnhanceResult:
     image: np.ndarray  # uint8 HWC RGB, the requested output size
-    restored: np.ndarray  # uint8 HWC RGB stage-1 (SwinIR) output at the same size
+    restored: np.ndarray | None  # uint8 HWC RGB stage-1 (SwinIR) output at the same size (if kept)
     seed: int
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, plus "total"
 
@@ -132,12 +132,14 @@ class Pipeline:
         return self.plan(h, w, params).padded_hw
 
     def enhance(self, images: Sequence[np.ndarray], params: EnhanceParams, seeds: Sequence[int] | None = None,
-                noise: torch.Tensor | None = None, on_step: Callable[[int, int], None] | None = None
-                ) -> list[EnhanceResult]:
+                noise: torch.Tensor | None = None, on_step: Callable[[int, int], None] | None = None,
+                keep_restored: bool = True) -> list[EnhanceResult]:
         """Restore uint8 HWC RGB images. Images of different padded sizes run as separate batches.
 
         seeds: one per image (``params.seed`` or random when absent). noise: [N,4,h,w] initial
-        latents, row i for image i (overrides seeds; for exact reproducibility).
+        latents, row i for image i (overrides seeds; for exact reproducibility). keep_restored:
+        also return the stage-1 image (``EnhanceResult.restored``; None otherwise). The service
+        does not send it, so it skips converting and resizing it.
         """
         p = self.resolve(params)
         images = [imageops.ensure_rgb(img) for img in images]
@@ -156,24 +158,24 @@ class Pipeline:
                 i = idx[0]
                 work = imageops.prepare(images[i], plans[i])
                 streamed = self.run_streamed(work, p, int(seeds[i]), noise[i:i + 1] if noise is not None else None,
-                                             on_step=on_step, keep_restored=True)
+                                             on_step=on_step, keep_restored=keep_restored)
                 del work
-                assert streamed.restored is not None
-                results[i] = EnhanceResult(image=imageops.finish(streamed.image, plans[i]),
-                                           restored=imageops.finish(streamed.restored, plans[i]), seed=int(seeds[i]),
+                restored = imageops.finish(streamed.restored, plans[i]) if streamed.restored is not None else None
+                results[i] = EnhanceResult(image=imageops.finish(streamed.image, plans[i]), restored=restored,
+                                           seed=int(seeds[i]),
                                            timings={**streamed.timings, "total": time.perf_counter() - start})
                 continue
             lq = imageops.images_to_tensor([imageops.prepare(images[i], plans[i]) for i in idx])
             batch_noise = noise[idx] if noise is not None else None
             out = self.run_batch(lq, p, [int(seeds[i]) for i in idx], batch_noise, on_step=on_step)
             final = imageops.tensor_to_uint8(out.image)
-            stage1 = imageops.tensor_to_uint8(out.restored)
+            stage1 = imageops.tensor_to_uint8(out.restored) if keep_restored else None
             total = time.perf_counter() - start
             for row, i in enumerate(idx):
                 timings = {**out.timings, "total": total}
                 results[i] = EnhanceResult(
                     image=imageops.finish(final[row], plans[i]),
-                    restored=imageops.finish(stage1[row], plans[i]),
+                    restored=imageops.finish(stage1[row], plans[i]) if stage1 is not None else None,
                     seed=int(seeds[i]),
                     timings=timings,
                 )

@@ -78,7 +78,8 @@ class PipelineRunner:
 
     def enhance(self, task: str, images: list[np.ndarray], params: EnhanceParams,
                 seeds: list[int]) -> list[Any]:
-        return list(self.pipelines[task].enhance(images, params, seeds=seeds))
+        # The API answers with the final image only: skip the stage-1 image's conversion.
+        return list(self.pipelines[task].enhance(images, params, seeds=seeds, keep_restored=False))
 
     def memory_bytes(self) -> dict[str, int]:
         if not self.device.startswith("cuda"):

@@ -278,3 +278,14 @@ def test_run_streamed_spills_only_stores_above_the_threshold(small_tile_pipe, tm
     finally:
         small_tile_pipe.spill_dir, small_tile_pipe.spill_min_bytes = None, 0
     assert opened == [False, True]
+
+
+@pytest.mark.parametrize("hw", [(200, 130), (60, 60)])  # streamed (tiles), batch path (fits untiled)
+def test_enhance_can_skip_the_stage_one_image_without_changing_the_result(small_tile_pipe, hw):
+    params = EnhanceParams(sampler="one_step", color_fix="wavelet", upscale=1.0, min_side=0, tile="auto")
+    image = _image(*hw)
+    kept = small_tile_pipe.enhance([image], params, seeds=[5])[0]
+    skipped = small_tile_pipe.enhance([image], params, seeds=[5], keep_restored=False)[0]
+    assert kept.restored is not None and kept.restored.shape == (*hw, 3)
+    assert skipped.restored is None
+    assert np.array_equal(skipped.image, kept.image)

@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, (stem, image) in enumerate(tqdm(items, desc="enhance", unit="img", file=sys.stderr)):
         row_noise = noise[i : i + 1] if noise is not None else None
-        result = pipe.enhance([image], params, noise=row_noise)[0]
+        result = pipe.enhance([image], params, noise=row_noise, keep_restored=args.save_restored)[0]
         Image.fromarray(result.image).save(out_dir / f"{stem}.png")
         if args.save_restored:
             Image.fromarray(result.restored).save(out_dir / f"{stem}_restored.png")

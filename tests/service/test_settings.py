@@ -55,9 +55,8 @@ def test_every_command_prints_its_help():
 
 
 def test_settings_table_in_the_docs_lists_exactly_the_fields():
-    from pathlib import Path
-
     import re
+    from pathlib import Path
 
     table = (Path(__file__).resolve().parents[2] / "docs" / "SETTINGS.md").read_text()
     documented = set(re.findall(r"^\| `FLOWIE_([A-Z0-9_]+)`", table, flags=re.M))

@@ -152,38 +152,46 @@ def test_a_lone_job_starts_at_once_instead_of_waiting_the_window(tiny_runner, ma
     assert [len(shapes) for _, shapes, _ in runner.batches] == [1]
 
 
-def test_jobs_queued_while_the_worker_computes_wait_for_batch_mates(tiny_runner, make_settings):
-    settings = make_settings(max_batch=3, max_wait_ms=LONG_WINDOW_MS)
-    first, during = make_job(90, 90), [make_job(90, 90), make_job(100, 100)]
-    late = make_job(96, 96)  # comes while the worker waits for batch mates of `during`
-    queue_holder: dict = {}
-
-    async def submit_late_once(timeout_s):
-        if timeout_s not in (0.0, IDLE_WAIT_S) and not queue_holder.get("late_sent"):
-            queue_holder["late_sent"] = True
-            await queue_holder["queue"].submit(late, wait=False)
-
-    queue, metrics = TakeLog(16, 60, on_take=submit_late_once), Metrics()
-    queue_holder["queue"] = queue
+def run_with_jobs_arriving_during_the_first_batch(queue, tiny_runner, settings, first, during, later=(),
+                                                  wait_s: float = 60.0):
+    """Submit ``first``; while its batch computes, submit ``during``; wait for every job (also ``later``,
+    which the test submits itself). Returns (results in that order, the recording runner, the worker)."""
+    loop_holder: dict = {}
 
     def submit_during_first_batch():  # runs in the compute thread while the first batch computes
         if len(runner.batches) == 1:
             for job in during:
-                asyncio.run_coroutine_threadsafe(queue.submit(job, wait=False), queue_holder["loop"]).result()
+                asyncio.run_coroutine_threadsafe(queue.submit(job, wait=False), loop_holder["loop"]).result()
 
     runner = Recording(tiny_runner, on_batch=submit_during_first_batch)
-    worker = Worker(queue, lambda: runner, settings, metrics)
+    worker = Worker(queue, lambda: runner, settings, Metrics())
 
     async def scenario():
-        queue_holder["loop"] = asyncio.get_running_loop()
+        loop_holder["loop"] = asyncio.get_running_loop()
         await queue.submit(first, wait=False)
         task = asyncio.create_task(worker.run())
-        results = [await queue.wait(j.id, LONG_WINDOW_MS / 1000 / 4) for j in (first, *during, late)]
+        results = [await queue.wait(j.id, wait_s) for j in (first, *during, *later)]
         worker.request_stop()
         await task
         return results
 
-    results = asyncio.run(scenario())
+    return asyncio.run(scenario()), runner, worker
+
+
+def test_jobs_queued_while_the_worker_computes_wait_for_batch_mates(tiny_runner, make_settings):
+    settings = make_settings(max_batch=3, max_wait_ms=LONG_WINDOW_MS)
+    first, during = make_job(90, 90), [make_job(90, 90), make_job(100, 100)]
+    late = make_job(96, 96)  # comes while the worker waits for batch mates of `during`
+    late_sent: list = []
+
+    async def submit_late_once(timeout_s):
+        if timeout_s not in (0.0, IDLE_WAIT_S) and not late_sent:
+            late_sent.append(True)
+            await queue.submit(late, wait=False)
+
+    queue = TakeLog(16, 60, on_take=submit_late_once)
+    results, runner, worker = run_with_jobs_arriving_during_the_first_batch(
+        queue, tiny_runner, settings, first, during, later=[late], wait_s=LONG_WINDOW_MS / 1000 / 4)
     assert [r.state if r else None for r in results] == ["done"] * 4
     # The first job came to an idle worker: alone, at once. The next two queued behind it (a
     # backlog), so the worker waited for a third, and started as soon as the batch was full.
@@ -200,27 +208,8 @@ def _mixed_backlog_batches(tiny_runner, make_settings, lookahead: int) -> list[i
               dict(sampler="restore_only")]
     first = make_job(90, 90, deadline_s=600)  # a busy CI machine must not expire them
     backlog = [make_job(90, 90, deadline_s=600, **groups[i % 4]) for i in range(8)]
-    loop_holder: dict = {}
-    queue, metrics = MemoryJobQueue(32, 60), Metrics()
-
-    def submit_backlog_during_first_batch():  # in the compute thread, while the first batch runs
-        if len(runner.batches) == 1:
-            for job in backlog:
-                asyncio.run_coroutine_threadsafe(queue.submit(job, wait=False), loop_holder["loop"]).result()
-
-    runner = Recording(tiny_runner, on_batch=submit_backlog_during_first_batch)
-    worker = Worker(queue, lambda: runner, settings, metrics)
-
-    async def scenario():
-        loop_holder["loop"] = asyncio.get_running_loop()
-        await queue.submit(first, wait=False)
-        task = asyncio.create_task(worker.run())
-        results = [await queue.wait(j.id, 600) for j in (first, *backlog)]
-        worker.request_stop()
-        await task
-        return results
-
-    results = asyncio.run(scenario())
+    results, runner, _ = run_with_jobs_arriving_during_the_first_batch(
+        MemoryJobQueue(32, 60), tiny_runner, settings, first, backlog, wait_s=600)
     assert [r.state if r else None for r in results] == ["done"] * 9
     return [len(shapes) for _, shapes, _ in runner.batches]
 
