@@ -25,6 +25,17 @@ def make_queue(redis_server, prefix: str, **kwargs) -> RedisJobQueue:
 
 
 @contextlib.asynccontextmanager
+async def worker_queue(redis_server, prefix: str):
+    """A started worker-side queue (no wake-up listener), closed afterwards."""
+    q = make_queue(redis_server, prefix, listen=False)
+    await q.start()
+    try:
+        yield q
+    finally:
+        await q.close()
+
+
+@contextlib.asynccontextmanager
 async def api_and_worker(redis_server, prefix: str, **api_kwargs):
     """An API-side queue (listening for wake-ups) and a worker-side one on the same prefix, started and closed."""
     api, worker = make_queue(redis_server, prefix, **api_kwargs), make_queue(redis_server, prefix, listen=False)
@@ -97,9 +108,7 @@ def test_many_waiting_requests_share_a_bounded_number_of_connections(redis_serve
 
 def test_abandoned_job_is_reclaimed_and_a_late_duplicate_changes_nothing(redis_server, prefix):
     async def scenario():
-        q = make_queue(redis_server, prefix, listen=False)
-        await q.start()
-        try:
+        async with worker_queue(redis_server, prefix) as q:
             j = job()
             await q.submit(j, wait=False)
             [first] = await q.take(["bfr"], "dies", 1, 1.0)
@@ -111,17 +120,13 @@ def test_abandoned_job_is_reclaimed_and_a_late_duplicate_changes_nothing(redis_s
             late = JobResult(id=j.id, state="done", image=b"late duplicate")
             await q.finish(first, late)  # the "dead" worker wakes up after all
             assert (await q.result(j.id)).image == b"result"
-        finally:
-            await q.close()
 
     run(scenario())
 
 
 def test_heartbeats_keep_a_long_batch_from_being_stolen(redis_server, prefix):
     async def scenario():
-        q = make_queue(redis_server, prefix, listen=False)
-        await q.start()
-        try:
+        async with worker_queue(redis_server, prefix) as q:
             await q.submit(job(), wait=False)
             held = await q.take(["bfr"], "busy", 1, 1.0)
             for _ in range(5):  # 0.5 s > visibility timeout, with a heartbeat every 0.1 s
@@ -131,8 +136,6 @@ def test_heartbeats_keep_a_long_batch_from_being_stolen(redis_server, prefix):
             assert await q.live_workers() == 1
             await q.leave("busy")
             assert await q.live_workers() == 0
-        finally:
-            await q.close()
 
     run(scenario())
 
@@ -183,9 +186,7 @@ def test_admission_bound_holds_across_concurrent_submitters(redis_server, prefix
 
 def test_cancelled_and_released_jobs(redis_server, prefix):
     async def scenario():
-        q = make_queue(redis_server, prefix, listen=False)
-        await q.start()
-        try:
+        async with worker_queue(redis_server, prefix) as q:
             cancelled, handed_back = job(), job()
             await q.submit(cancelled, wait=False)
             await q.submit(handed_back, wait=False)
@@ -196,17 +197,13 @@ def test_cancelled_and_released_jobs(redis_server, prefix):
             [again] = await q.take(["bfr"], "w2", 2, 1.0)  # at once, no visibility timeout
             assert again.job.id == handed_back.id
             assert await q.cancel("0" * 32) is None
-        finally:
-            await q.close()
 
     run(scenario())
 
 
 def test_begin_skips_jobs_with_a_result_and_marks_the_rest_running_in_one_call(redis_server, prefix):
     async def scenario():
-        q = make_queue(redis_server, prefix, listen=False)
-        await q.start()
-        try:
+        async with worker_queue(redis_server, prefix) as q:
             cancelled, alive, expired_hash = job(), job(), job()
             for j in (cancelled, alive, expired_hash):
                 await q.submit(j, wait=False)
@@ -219,8 +216,6 @@ def test_begin_skips_jobs_with_a_result_and_marks_the_rest_running_in_one_call(r
             assert await q.state(cancelled.id) == "cancelled"
             assert not redis_server.client().exists(q.job_key(expired_hash.id))  # not re-created without a TTL
             assert await q.begin([]) == set()
-        finally:
-            await q.close()
 
     run(scenario())
 
@@ -240,9 +235,7 @@ def test_a_result_stored_before_an_unregistered_wait_is_found(redis_server, pref
 
 def test_trace_timings_travel_beside_the_result_meta_that_older_readers_parse(redis_server, prefix):
     async def scenario():
-        q = make_queue(redis_server, prefix, listen=False)
-        await q.start()
-        try:
+        async with worker_queue(redis_server, prefix) as q:
             j = job()
             await q.submit(j, wait=False)
             [delivery] = await q.take(["bfr"], "w1", 1, 1.0)
@@ -254,8 +247,6 @@ def test_trace_timings_travel_beside_the_result_meta_that_older_readers_parse(re
             meta = json.loads(redis_server.client().hget(q.result_key(j.id), "meta"))
             # A reader of the previous release builds JobResult(**meta) strictly: only fields it knows.
             assert "pickup_s" not in meta and set(meta) <= OLD_RESULT_FIELDS
-        finally:
-            await q.close()
 
     run(scenario())
 
