@@ -424,10 +424,13 @@ def create_app(settings: Settings, queue: JobQueue, models: dict[str, ModelInfo]
         job = Job(id=uuid.uuid4().hex, task=task, params=asdict(params), output_format=fields.output_format,
                   quality=fields.quality, image=data, created_at=time.time(), deadline=received_at + deadline_s,
                   request_id=str(request.state.request_id))
-        if worker is not None:
-            job.pixels = pixels  # in-process: the worker needs no second decode
+        # The worker needs no second decode: in-process it gets the array, over Redis a small
+        # upload's pixels travel beside its bytes (larger ones are decoded again by the worker).
+        job.pixels, pixels = pixels, None
         request.state.job_id = job.id
         await queue.submit(job, wait=not respond_async)
+        if worker is None:
+            job.pixels = None  # sent (or not): the handler need not hold the array while it waits
         if respond_async:
             return _accepted(job.id, task, "queued", {"Preference-Applied": "respond-async"})
         sync_s = min(settings.sync_timeout_s, wait_pref if wait_pref is not None else settings.sync_timeout_s)

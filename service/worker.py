@@ -13,9 +13,13 @@ coming back from a batch to a backlog, the worker reads that far ahead, so a mix
 parameter and size groups) still fills batches; the oldest job's group always runs first.
 Just before compute, one queue call (`JobQueue.begin`, one Redis round trip) skips jobs that were
 cancelled or finished elsewhere and marks the rest running; jobs past their deadline are
-acknowledged without compute. Inference runs in a thread, so the event loop keeps heartbeating
-while a batch computes; a failing batch is retried one job at a time so one bad job cannot fail
-its neighbours.
+acknowledged without compute. A lone job does not wait for that answer: its check travels
+alongside its compute (a job cancelled while queued has left the queue already, so all it could
+still find is a cancel of the last instant), and if the answer says the job was finished
+meanwhile, the output is dropped and the stored result kept. Waiting for it would put one more
+round trip between a lone request and its compute. Inference runs in a thread, so the event loop
+keeps heartbeating while a batch computes; a failing batch is retried one job at a time so one
+bad job cannot fail its neighbours.
 
 Shutdown (``request_stop``, SIGTERM): the batch in progress finishes and is stored; jobs taken
 but not started are handed back to the queue for other workers.
@@ -58,8 +62,9 @@ _EWMA = 0.3
 # reclaimed jobs again (a job that arrives wakes the read at once).
 IDLE_WAIT_S = 0.5
 # Event-loop turns a queue call needs to put its request on the wire (redis-py's pool checks the
-# connection first, which takes one turn): yielded before decoding on the loop, so that the call
-# before compute travels while the worker decodes. Fewer would only lose that overlap.
+# connection first, which takes one turn): yielded before a lone job's upload is decoded on the
+# loop, so that the check before compute travels meanwhile. Fewer would only lose that overlap.
+# A job whose pixels came decoded goes straight to compute; its check is sent while compute starts.
 SEND_TURNS = 2
 
 
@@ -186,10 +191,12 @@ class Worker:
                 taken = await self.queue.take(tasks, self.worker_id, self.max_batch, IDLE_WAIT_S)
                 backlog = len(taken) > 1
             if len(taken) == 1 and not backlog:
-                # A lone job is its own batch: send the check before compute now, decode meanwhile.
+                # A lone job is its own batch: send the check before compute now; compute does not
+                # wait for its answer (see the module docstring).
                 early_begin = asyncio.ensure_future(self.queue.begin(taken))
-                for _ in range(SEND_TURNS):  # let the request leave before decoding holds the loop
-                    await asyncio.sleep(0)
+                if taken[0].job.pixels is None:
+                    for _ in range(SEND_TURNS):  # let the request leave before decoding holds the loop
+                        await asyncio.sleep(0)
             try:
                 await self._prepare(taken)
             except BaseException:
@@ -224,7 +231,7 @@ class Worker:
         self._computing = batch
         try:
             if early_begin is not None:
-                batch = await self._skip_dead(batch, await early_begin)
+                batch = await self._skip_dead(batch, set())  # the deadline; the rest comes alongside
             else:
                 batch = await self._begin(batch)
             if batch:
@@ -232,8 +239,10 @@ class Worker:
                     self.windows_waited += 1
                 else:
                     self.started_at_once += 1
-                await self._run_batch(batch)
+                await self._run_batch(batch, alongside=early_begin)
                 self._busy = True
+            elif early_begin is not None:
+                await asyncio.gather(early_begin, return_exceptions=True)
         finally:
             self._computing = []
 
@@ -305,8 +314,7 @@ class Worker:
         for p in items:
             job = p.delivery.job
             if p.job_id in finished:
-                await self._finish(p.delivery, JobResult.failure(job.id, "cancelled", 409, "job-cancelled",
-                                                                 "Job cancelled", "cancelled"), outcome="cancelled")
+                await self._finish_cancelled(p.delivery)
             elif job.deadline < now:
                 await self._finish(p.delivery, JobResult.failure(
                     job.id, "expired", 504, "deadline-exceeded", "Deadline exceeded",
@@ -319,7 +327,25 @@ class Worker:
             self._buffer = [p for p in self._buffer if id(p) not in dropped]
         return alive
 
-    async def _run_batch(self, batch: list[_Prepared]) -> None:
+    async def _finish_cancelled(self, delivery: Delivery) -> None:
+        """Acknowledge a job that has a result already (cancelled, or finished by another delivery):
+        the stored result is kept, and nobody is woken again."""
+        await self._finish(delivery, JobResult.failure(delivery.job.id, "cancelled", 409, "job-cancelled",
+                                                       "Job cancelled", "cancelled"), outcome="cancelled")
+
+    async def _answer(self, alongside: asyncio.Future[set[str]] | None) -> set[str]:
+        """The ids that the check sent alongside compute found finished (none when there was no
+        check, or the queue could not answer it: storing the output keeps any result there)."""
+        if alongside is None:
+            return set()
+        try:
+            return await alongside
+        except QueueUnavailableError:
+            return set()
+
+    async def _run_batch(self, batch: list[_Prepared], alongside: asyncio.Future[set[str]] | None = None) -> None:
+        """Compute ``batch`` and store its results. ``alongside``: the check before compute of a
+        lone job, sent but not awaited; its answer decides what happens to the output."""
         assert self.runner is not None
         task = batch[0].delivery.job.task
         job_ids = [p.job_id for p in batch]
@@ -332,6 +358,9 @@ class Worker:
         try:
             outputs = await asyncio.to_thread(self._compute, task, batch)
         except Exception as exc:  # noqa: BLE001 - a model failure must not stop the worker
+            if batch[0].job_id in await self._answer(alongside):
+                await self._finish_cancelled(batch[0].delivery)
+                return
             if len(batch) > 1:
                 log.warning("batch of %d failed (%s); retrying one job at a time", len(batch), type(exc).__name__)
                 for p in batch:
@@ -345,12 +374,16 @@ class Worker:
                 outcome="failed")
             return
         compute_s = time.perf_counter() - t0
+        finished_meanwhile = await self._answer(alongside)
         self.metrics.batch_size.labels(task=task).observe(len(batch))
         timings = dict(getattr(outputs[0][1], "timings", {}) or {})
         for stage, seconds in timings.items():
             self.metrics.stage_duration.labels(stage=stage, backend=self.runner.backend).observe(float(seconds))
         for p, (encoded, output) in zip(batch, outputs, strict=True):
             job = p.delivery.job
+            if p.job_id in finished_meanwhile:  # cancelled as compute began: drop the output
+                await self._finish_cancelled(p.delivery)
+                continue
             height, width = output.image.shape[:2]
             result = JobResult(
                 id=job.id, state="done", image=encoded, media_type=OUTPUT_FORMATS[job.output_format],

@@ -1,15 +1,18 @@
 """The Redis hop measured directly with the service's own queue class, without HTTP and without compute.
 
-An "API" (``RedisJobQueue(listen=True)``, this process) submits a job and waits for it; a
-"worker" (``RedisJobQueue(listen=False)``, a child process) takes it, does what
-``service.worker.Worker`` does before compute (``begin``: one round trip, "which of these have a
-result; mark the rest running") and finishes it at once with a 1-pixel result. Timestamps are
-``time.perf_counter()``, which on Linux is CLOCK_MONOTONIC and so comparable between the two
-processes. Per job:
+An "API" (``RedisJobQueue(listen=True)``, this process) submits a job, as the API does for a small
+upload (its bytes and its decoded pixels), and waits for it; a "worker"
+(``RedisJobQueue(listen=False)``, a child process) takes it, does what ``service.worker.Worker``
+does with a lone job (sends ``begin``, "which of these have a result; mark the rest running", and
+goes on without waiting for the answer, which comes back during compute), awaits that answer
+(there is no compute here for it to overlap) and finishes the job with a 1-pixel result.
+Timestamps are ``time.perf_counter()``, which on Linux is CLOCK_MONOTONIC and so comparable
+between the two processes. Per job:
 
 * ``enqueue``  submit(): the admission script (XLEN + XADD + HSET);
 * ``pickup``   submit returned -> the worker's XREADGROUP returned the entry;
-* ``prep``     the worker's round trip before compute;
+* ``prep``     the worker's work before compute would start (the check sent, not answered);
+* ``check``    the check's answer (overlaps compute in the service: not part of the hop);
 * ``wake``     the worker starts finish() (store script: result hash + LPUSH of the result + XACK)
                -> wait() returned in the API (the BLPOP listener handed the result to the future);
 * ``hop``      = enqueue + pickup + prep + wake (the whole transport; there is no compute);
@@ -30,6 +33,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[2]
 TASK = "hopbench"
 
@@ -47,11 +52,14 @@ async def _worker(url: str, prefix: str, task: str, n: int) -> None:
         while done < n and time.monotonic() < idle_until:
             for delivery in await queue.take([task], "hop-worker", 1, 1.0):
                 picked = time.perf_counter()
-                await queue.begin([delivery])
+                check = asyncio.ensure_future(queue.begin([delivery]))
+                await asyncio.sleep(0)  # the worker's loop sends it as compute starts in its thread
                 prepared = time.perf_counter()
+                await check
+                checked = time.perf_counter()
                 result = JobResult(id=delivery.job.id, state="done", image=b"\x00", media_type="image/png",
-                                   format="png", width=1, height=1, seed=0,
-                                   timings={"picked": picked, "prepared": prepared}, finished_at=time.time())
+                                   format="png", width=1, height=1, seed=0, finished_at=time.time(),
+                                   timings={"picked": picked, "prepared": prepared, "checked": checked})
                 await queue.finish(delivery, result)
                 done += 1
                 idle_until = time.monotonic() + 30
@@ -90,10 +98,11 @@ async def _api(url: str, n: int, warmup: int, payload_bytes: int, timeout_s: flo
             await queue.ping()
             pings.append((time.perf_counter() - t) * 1000)
         payload = os.urandom(payload_bytes)
+        pixels = np.zeros((64, 64, 3), dtype=np.uint8)  # a small upload's decoded pixels travel with it
         for i in range(n + warmup):
             now = time.time()
             job = Job(id=uuid.uuid4().hex, task=TASK, params={}, output_format="png", quality=None, image=payload,
-                      created_at=now, deadline=now + 60)
+                      created_at=now, deadline=now + 60, pixels=pixels)
             t0 = time.perf_counter()
             await queue.submit(job, wait=True)
             t1 = time.perf_counter()
@@ -102,10 +111,11 @@ async def _api(url: str, n: int, warmup: int, payload_bytes: int, timeout_s: flo
             await queue.forget(job.id)
             if result is None:
                 raise RuntimeError(f"job {i} not done within {timeout_s} s")
-            picked, prepared = result.timings["picked"], result.timings["prepared"]
+            picked, prepared, checked = (result.timings[k] for k in ("picked", "prepared", "checked"))
             if i >= warmup:
                 rows.append({"enqueue": t1 - t0, "pickup": picked - t1, "prep": prepared - picked,
-                             "wake": t2 - prepared, "hop": t2 - t0})
+                             "check": checked - prepared, "wake": t2 - checked,
+                             "hop": (t2 - t0) - (checked - prepared)})
     finally:
         await queue.close()
         try:
@@ -125,7 +135,7 @@ async def _api(url: str, n: int, warmup: int, payload_bytes: int, timeout_s: flo
             pass
     summary: dict[str, Any] = {"n": len(rows), "warmup": warmup, "payload_bytes": payload_bytes, "ms": {},
                                "ping_rtt_ms": {"p50": _pct(pings, 0.5), "p95": _pct(pings, 0.95)}}
-    for key in ("enqueue", "pickup", "prep", "wake", "hop"):
+    for key in ("enqueue", "pickup", "prep", "check", "wake", "hop"):
         values = [r[key] * 1000 for r in rows]
         summary["ms"][key] = {"p50": _pct(values, 0.5), "p95": _pct(values, 0.95), "p99": _pct(values, 0.99),
                               "max": max(values) if values else float("nan"),

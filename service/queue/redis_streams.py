@@ -3,6 +3,7 @@
 Keys (``P`` = ``FLOWIE_KEY_PREFIX``)::
 
     P:jobs:{task}      stream, one per task; consumer group "workers"; entry = meta JSON + image bytes
+                       (+ the decoded pixels of a small upload, raw uint8, so the worker need not decode)
     P:dead:{task}      dead-letter stream (meta of jobs that exhausted FLOWIE_MAX_DELIVERIES)
     P:job:{id}         hash: state, task, entry id, reply_to (TTL: deadline + result TTL)
     P:result:{id}      hash: meta JSON + encoded image + trace JSON (TTL: FLOWIE_RESULT_TTL_S)
@@ -28,6 +29,15 @@ Why it is shaped like this:
   so the handler does not read it back; the result hash is stored all the same (GET /jobs, other
   API processes, duplicates). A job says whether its API takes such wake-ups (``reply_inline``),
   so processes of the previous release, which expect bare ids, keep working during an update.
+* A small upload (at most ``SHIP_PIXELS_BYTES`` decoded) travels decoded too, beside its bytes:
+  the API has decoded it already, and decoding it again in the worker cost about as much as the
+  rest of the hop before compute. Its shape rides in the meta (``pixels_shape``), a key that
+  processes of the previous release ignore (they decode ``image`` as before); a worker that finds
+  no usable pixels decodes ``image``.
+* Cancelling a job deletes its stream entry (after storing the "cancelled" result): a job
+  cancelled while queued is never delivered. A worker that already holds it learns it from
+  ``begin`` and skips it (or, for a lone job whose ``begin`` travels alongside its compute,
+  drops the output: the stored "cancelled" result is kept).
 * At-least-once: the result is stored and the entry acknowledged in one script (store first;
   a result that already exists is kept, so a duplicate delivery changes nothing). Workers keep
   the entries they hold fresh with ``XCLAIM ... JUSTID`` (resets idle time, not the delivery
@@ -46,6 +56,7 @@ import time
 import uuid
 from typing import Any
 
+import numpy as np
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -76,20 +87,32 @@ SHORT_POLL_S = 0.002
 # result back); larger ones are read from the result hash. The list keeps such an item at most
 # REPLY_TTL_MS when the API process is gone.
 INLINE_REPLY_BYTES = 1 << 20
+# Decoded uploads up to this size travel beside their bytes (65,536 RGB pixels: the size the API and
+# worker decode on their event loops, where decoding twice costs most against the hop).
+SHIP_PIXELS_BYTES = 3 << 16
+# Event-loop turns the reply listener yields after waking a handler (see `_listen`).
+HANDOFF_TURNS = 6
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
 
 _SUBMIT = """
 local depth = redis.call('XLEN', KEYS[1])
 if depth >= tonumber(ARGV[1]) then return {0, depth} end
-local entry = redis.call('XADD', KEYS[1], '*', 'meta', ARGV[2], 'image', ARGV[3])
+local entry
+if ARGV[7] ~= '' then
+  entry = redis.call('XADD', KEYS[1], '*', 'meta', ARGV[2], 'image', ARGV[3], 'pixels', ARGV[7])
+else
+  entry = redis.call('XADD', KEYS[1], '*', 'meta', ARGV[2], 'image', ARGV[3])
+end
 redis.call('HSET', KEYS[2], 'state', 'queued', 'task', ARGV[4], 'entry', entry, 'reply_to', ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
 return {1, depth + 1}
 """
 
 # KEYS: result, job, stream, reply list. ARGV: meta, image, ttl_ms, state, job id,
-# notify (1 = the job id, 2 = the id with the result, 0 = none), ack (1/0), group, entry id,
-# reply list TTL ms, trace. A result that exists already is kept (and nobody is woken again).
+# notify (1 = the job id, 2 = the id with the result, 0 = none), entry (1 = acknowledge and delete
+# it: a worker finished it; 2 = delete it: a cancel, the entry is no longer work; 0 = leave it),
+# group, entry id, reply list TTL ms, trace. A result that exists already is kept (and nobody is
+# woken again).
 _STORE = """
 local stored = 0
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -108,6 +131,8 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 if ARGV[7] == '1' then
   redis.call('XACK', KEYS[3], ARGV[8], ARGV[9])
+end
+if ARGV[7] ~= '0' then
   redis.call('XDEL', KEYS[3], ARGV[9])
 end
 return stored
@@ -131,6 +156,25 @@ return finished
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _entry(job: Job) -> tuple[str, bytes]:
+    """A stream entry's meta JSON and the raw pixels that travel with it (empty: none)."""
+    pixels = job.pixels
+    if pixels is None or pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.nbytes > SHIP_PIXELS_BYTES:
+        return job.meta_json(), b""
+    meta = {**job.meta(), "pixels_shape": list(pixels.shape)}
+    return json.dumps(meta, separators=(",", ":")), np.ascontiguousarray(pixels).tobytes()
+
+
+def _shipped_pixels(shape: Any, data: bytes | None) -> np.ndarray | None:
+    """The decoded upload that travelled with an entry, or None (then the worker decodes ``image``)."""
+    if not data or not isinstance(shape, list) or len(shape) != 3 or shape[2] != 3:
+        return None
+    if not all(isinstance(n, int) and n > 0 for n in shape) or shape[0] * shape[1] * 3 != len(data):
+        return None
+    # A writable copy: the pipeline may work on its input in place.
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape).copy()
 
 
 class RedisJobQueue(JobQueue):
@@ -243,10 +287,11 @@ class RedisJobQueue(JobQueue):
             job.reply_to, job.reply_inline = self.instance_id, True
             self._waiters[job.id] = asyncio.get_running_loop().create_future()
         ttl_ms = int(max(1.0, job.deadline - time.time()) * 1000) + self.result_ttl_ms
+        meta, pixels = _entry(job)
         try:
             admitted, depth = await self._call(self._submit_script(
                 keys=[self.stream_key(job.task), self.job_key(job.id)],
-                args=[self.max_queue, job.meta_json(), job.image, job.task, job.reply_to, ttl_ms]))
+                args=[self.max_queue, meta, job.image, job.task, job.reply_to, ttl_ms, pixels]))
         except BaseException:
             self._waiters.pop(job.id, None)
             raise
@@ -318,6 +363,12 @@ class RedisJobQueue(JobQueue):
                 backoff = 0.1
                 if item:
                     self._on_reply(item[1])
+                    # Let the woken handler answer before this loop re-arms: its wake-up passes through
+                    # a few callbacks (future, wait, the handler's task), and the next BLPOP's send
+                    # would otherwise run first (about 0.2 ms here). A reply that comes meanwhile
+                    # waits in the list.
+                    for _ in range(HANDOFF_TURNS):
+                        await asyncio.sleep(0)
             except asyncio.CancelledError:
                 raise
             except _UNREACHABLE as exc:
@@ -368,23 +419,27 @@ class RedisJobQueue(JobQueue):
         job = await self._call(self._redis.hgetall(self.job_key(job_id)))
         task = _text(job.get(b"task", b""))
         reply_to = _text(job.get(b"reply_to", b""))
+        entry = _text(job.get(b"entry", b"")) or None
         status, title, slug = (504, "Deadline exceeded", "deadline-exceeded") if state == "expired" \
             else (409, "Job cancelled", "job-cancelled")
         result = JobResult.failure(job_id, state, status, slug, title, detail or f"the job was {state}")
-        # The entry stays in the stream: the worker that takes it sees the result and skips it.
-        await self._store(result, task=task, reply_to=reply_to, ack=None)
+        # The entry leaves the stream, so no worker takes it now; one that holds it already finds
+        # the result in `begin` and skips it.
+        await self._store(result, task=task, reply_to=reply_to, ack=None, delete=entry)
         return await self.state(job_id)
 
     async def _store(self, result: JobResult, *, task: str, reply_to: str, ack: str | None,
-                     inline: bool = False) -> bool:
+                     inline: bool = False, delete: str | None = None) -> bool:
         """Store ``result`` unless one exists, wake ``reply_to`` (with the result itself when
-        ``inline``: only for a job whose submit asked for it), acknowledge ``ack``."""
+        ``inline``: only for a job whose submit asked for it), acknowledge and delete entry ``ack``,
+        or only delete entry ``delete``."""
         notify = ("2" if inline and len(result.image) <= INLINE_REPLY_BYTES else "1") if reply_to else "0"
+        entry_mode, entry = ("1", ack) if ack else ("2", delete) if delete else ("0", "0-0")
         stored = await self._call(self._store_script(
             keys=[self.result_key(result.id), self.job_key(result.id), self.stream_key(task or "_"),
                   self.reply_key(reply_to or "_")],
             args=[result.meta_json(), result.image, self.result_ttl_ms, result.state, result.id,
-                  notify, "1" if ack else "0", GROUP, ack or "0-0", REPLY_TTL_MS,
+                  notify, entry_mode, GROUP, entry, REPLY_TTL_MS,
                   json.dumps(result.trace(), separators=(",", ":"))]))
         if stored and reply_to == self.instance_id:
             self._wake(result.id, result)  # same process (cancel): no round trip needed
@@ -419,6 +474,7 @@ class RedisJobQueue(JobQueue):
         meta = json.loads(fields[b"meta"])
         job = Job.from_meta(meta, fields.get(b"image", b""))
         job.task = task
+        job.pixels = _shipped_pixels(meta.get("pixels_shape"), fields.get(b"pixels"))
         return Delivery(job=job, token=_text(entry_id), deliveries=deliveries)
 
     async def take(self, tasks: list[str], worker_id: str, max_n: int, timeout_s: float) -> list[Delivery]:
@@ -549,8 +605,10 @@ class RedisJobQueue(JobQueue):
         for delivery in deliveries:
             job = delivery.job
             stream = self.stream_key(job.task)
+            meta, pixels = _entry(job)
+            fields = {"meta": meta, "image": job.image, **({"pixels": pixels} if pixels else {})}
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.xadd(stream, {"meta": job.meta_json(), "image": job.image})
+                pipe.xadd(stream, fields)
                 pipe.xack(stream, GROUP, delivery.token)
                 pipe.xdel(stream, delivery.token)
                 new_entry, *_ = await self._call(pipe.execute())

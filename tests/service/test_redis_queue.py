@@ -187,16 +187,21 @@ def test_admission_bound_holds_across_concurrent_submitters(redis_server, prefix
 def test_cancelled_and_released_jobs(redis_server, prefix):
     async def scenario():
         async with worker_queue(redis_server, prefix) as q:
-            cancelled, handed_back = job(), job()
-            await q.submit(cancelled, wait=False)
+            queued, held, handed_back = job(), job(), job()
+            await q.submit(queued, wait=False)
+            assert await q.cancel(queued.id) == "cancelled"
+            assert await q.depth("bfr") == 0  # a job cancelled while queued leaves the stream
+            await q.submit(held, wait=False)
             await q.submit(handed_back, wait=False)
-            assert await q.cancel(cancelled.id) == "cancelled"
-            taken = await q.take(["bfr"], "w1", 2, 1.0)
-            assert await q.finished([d.job.id for d in taken]) == {cancelled.id}
+            taken = await q.take(["bfr"], "w1", 3, 1.0)
+            assert [d.job.id for d in taken] == [held.id, handed_back.id]  # never delivered
+            assert await q.cancel(held.id) == "cancelled"  # cancelled in a worker's hands
+            assert await q.finished([d.job.id for d in taken]) == {held.id}
             await q.release([d for d in taken if d.job.id == handed_back.id])
             [again] = await q.take(["bfr"], "w2", 2, 1.0)  # at once, no visibility timeout
             assert again.job.id == handed_back.id
             assert await q.cancel("0" * 32) is None
+            assert (await q.result(queued.id)).state == "cancelled"
 
     run(scenario())
 
@@ -207,9 +212,9 @@ def test_begin_skips_jobs_with_a_result_and_marks_the_rest_running_in_one_call(r
             cancelled, alive, expired_hash = job(), job(), job()
             for j in (cancelled, alive, expired_hash):
                 await q.submit(j, wait=False)
-            await q.cancel(cancelled.id)
             taken = await q.take(["bfr"], "w1", 3, 1.0)
             assert len(taken) == 3
+            await q.cancel(cancelled.id)  # after the worker took it, before its compute
             redis_server.client().delete(q.job_key(expired_hash.id))  # its hash's TTL ran out
             assert await q.begin(taken) == {cancelled.id}
             assert await q.state(alive.id) == "running"
@@ -295,3 +300,45 @@ def test_jobs_of_an_api_that_expects_bare_ids_are_woken_with_bare_ids(redis_serv
             assert redis_server.client().lrange(api.reply_key("old-api"), 0, -1) == [j.id.encode()]
 
     run(scenario())
+
+
+def pixels(height: int, width: int):
+    import numpy as np
+
+    return np.arange(height * width * 3, dtype=np.uint8).reshape(height, width, 3)
+
+
+def test_a_small_upload_travels_decoded_and_a_large_one_as_bytes_only(redis_server, prefix):
+    async def scenario():
+        async with worker_queue(redis_server, prefix) as q:
+            small, large, released = job(), job(), job()
+            small.pixels = pixels(64, 48)
+            large.pixels = pixels(300, 300)  # 270,000 bytes decoded: the worker decodes the upload
+            released.pixels = pixels(8, 8)
+            for j in (small, large, released):
+                await q.submit(j, wait=False)
+            got = {d.job.id: d for d in await q.take(["bfr"], "w1", 3, 1.0)}
+            assert got[small.id].job.pixels.tolist() == small.pixels.tolist()
+            assert got[small.id].job.pixels.flags.writeable
+            assert got[large.id].job.pixels is None and got[large.id].job.image == large.image
+            await q.release([got[released.id]])  # handed back: the pixels go with it
+            [again] = await q.take(["bfr"], "w2", 1, 1.0)
+            assert again.job.pixels.tolist() == released.pixels.tolist()
+            fields = redis_server.client().xrange(q.stream_key("bfr"))[0][1]
+            meta = json.loads(fields[b"meta"])
+            assert meta["pixels_shape"] == [64, 48, 3] and fields[b"image"] == small.image
+            # A worker of the previous release reads the same entry: the upload, and a meta it accepts.
+            assert Job.from_meta(meta, fields[b"image"]).image == small.image
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("shape", [[64, 48], [64, 48, 4], [48, 64, 3], [64, "48", 3], None],
+                         ids=["two-dims", "four-channels", "wrong-size", "not-ints", "missing"])
+def test_shipped_pixels_that_do_not_fit_their_shape_are_ignored(shape):
+    data = pixels(64, 48).tobytes()
+    if shape == [48, 64, 3]:
+        data = data[:-3]
+    assert redis_streams._shipped_pixels(shape, data) is None
+    assert redis_streams._shipped_pixels([64, 48, 3], data[:-1]) is None
+    assert redis_streams._shipped_pixels([64, 48, 3], pixels(64, 48).tobytes()).shape == (64, 48, 3)

@@ -10,6 +10,7 @@ import time
 import uuid
 from dataclasses import asdict
 
+import numpy as np
 from svc_helpers import png
 
 from flowie.params import EnhanceParams
@@ -327,13 +328,45 @@ def test_on_redis_a_lone_request_costs_one_round_trip_before_compute_and_no_resu
     assert result.pickup_s > 0 and result.pickup_s <= result.queue_s
 
 
-def test_on_redis_a_cancelled_job_never_computes_and_its_batch_mate_does(redis_server, tiny_runner, make_settings):
+class CancelAtBegin(RedisJobQueue):
+    """The real worker-side Redis queue; the job ``victim`` is cancelled (through ``api``) just before
+    the worker's check before compute reaches Redis: after the worker took it."""
+
+    def __init__(self, *args, api: RedisJobQueue, victim: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.api, self.victim = api, victim
+
+    async def begin(self, deliveries):
+        if self.victim:
+            victim, self.victim = self.victim, ""
+            assert await self.api.cancel(victim) == "cancelled"
+        return await super().begin(deliveries)
+
+
+def cancel_at_begin_pair(redis_server, victim: str) -> tuple[RedisJobQueue, CancelAtBegin]:
+    """(API side, worker side that has the API cancel ``victim`` just before its check) on one prefix."""
+    prefix = "w" + uuid.uuid4().hex[:8]
+    api = RedisJobQueue(redis_server.url, tasks=["bfr"], prefix=prefix, result_ttl_s=60)
+    return api, CancelAtBegin(redis_server.url, tasks=["bfr"], prefix=prefix, result_ttl_s=60, listen=False,
+                              api=api, victim=victim)
+
+
+def recording_worker(queue, tiny_runner, settings) -> tuple[Worker, Recording, Metrics]:
+    """A worker on ``queue`` whose runner records its batches, and its metrics."""
+    metrics, runner = Metrics(), Recording(tiny_runner)
+    return Worker(queue, lambda: runner, settings, metrics), runner, metrics
+
+
+def job_outcomes(metrics: Metrics) -> dict[str, float]:
+    return {s.labels["outcome"]: s.value for s in metrics.jobs.collect()[0].samples if s.name.endswith("_total")}
+
+
+def test_on_redis_a_job_cancelled_in_a_workers_hands_never_computes_and_its_batch_mate_does(
+        redis_server, tiny_runner, make_settings):
     settings = make_settings(max_batch=4, max_wait_ms=0.0)
-    api, queue = redis_pair(redis_server, "w" + uuid.uuid4().hex[:8])
-    metrics = Metrics()
-    runner = Recording(tiny_runner)
-    worker = Worker(queue, lambda: runner, settings, metrics)
     cancelled, alive = make_job(90, 90), make_job(90, 90)
+    api, queue = cancel_at_begin_pair(redis_server, cancelled.id)
+    worker, runner, metrics = recording_worker(queue, tiny_runner, settings)
 
     async def scenario():
         await api.start()
@@ -341,8 +374,7 @@ def test_on_redis_a_cancelled_job_never_computes_and_its_batch_mate_does(redis_s
         try:
             await api.submit(cancelled, wait=False)
             await api.submit(alive, wait=True)
-            assert await api.cancel(cancelled.id) == "cancelled"  # its entry stays in the stream
-            task = asyncio.create_task(worker.run())
+            task = asyncio.create_task(worker.run())  # one read brings both: a batch, checked first
             result = await api.wait(alive.id, 60)
             worker.request_stop()
             await task
@@ -354,18 +386,15 @@ def test_on_redis_a_cancelled_job_never_computes_and_its_batch_mate_does(redis_s
     result, gone, depth = asyncio.run(scenario())
     assert result.state == "done" and gone.state == "cancelled"
     assert [len(shapes) for _, shapes, _ in runner.batches] == [1]
-    outcomes = {s.labels["outcome"]: s.value for s in metrics.jobs.collect()[0].samples if s.name.endswith("_total")}
-    assert outcomes == {"done": 1.0, "cancelled": 1.0}
+    assert job_outcomes(metrics) == {"done": 1.0, "cancelled": 1.0}
     assert depth == 0  # both entries acknowledged
 
 
-def test_on_redis_a_lone_job_cancelled_while_queued_never_computes(redis_server, tiny_runner, make_settings):
+def test_on_redis_a_job_cancelled_while_queued_is_never_delivered(redis_server, tiny_runner, make_settings):
     settings = make_settings(max_batch=4, max_wait_ms=LONG_WINDOW_MS)
     api, queue = redis_pair(redis_server, "w" + uuid.uuid4().hex[:8])
-    metrics = Metrics()
-    runner = Recording(tiny_runner)
-    worker = Worker(queue, lambda: runner, settings, metrics)
-    lone = make_job(90, 90)
+    worker, runner, metrics = recording_worker(queue, tiny_runner, settings)
+    lone, later = make_job(90, 90), make_job(100, 100)
 
     async def scenario():
         await api.start()
@@ -373,21 +402,77 @@ def test_on_redis_a_lone_job_cancelled_while_queued_never_computes(redis_server,
         try:
             await api.submit(lone, wait=False)
             await api.cancel(lone.id)
+            depth_after_cancel = await api.depth("bfr")
             task = asyncio.create_task(worker.run())
-            while await api.depth("bfr"):  # until the worker has acknowledged the entry
-                await asyncio.sleep(0.02)
+            await api.submit(later, wait=True)
+            done = await api.wait(later.id, 60)
             worker.request_stop()
             await task
-            return await api.result(lone.id)
+            return depth_after_cancel, await api.result(lone.id), done
         finally:
             await api.close()
             await queue.close()
 
+    depth_after_cancel, result, done = asyncio.run(scenario())
+    assert depth_after_cancel == 0  # it left the stream with the cancel
+    assert result.state == "cancelled" and done.state == "done"
+    assert [shapes for _, shapes, _ in runner.batches] == [[(100, 100)]]  # only the later job computed
+    assert job_outcomes(metrics) == {"done": 1.0}  # the worker never saw the cancelled one
+
+
+def test_on_redis_a_lone_job_cancelled_as_its_compute_starts_keeps_the_cancelled_result(
+        redis_server, tiny_runner, make_settings):
+    """A lone job's check travels alongside its compute: a cancel of that instant drops the output."""
+    settings = make_settings(max_batch=4, max_wait_ms=LONG_WINDOW_MS)
+    lone = make_job(90, 90)
+    api, queue = cancel_at_begin_pair(redis_server, lone.id)
+    worker, runner, metrics = recording_worker(queue, tiny_runner, settings)
+
+    async def scenario():
+        await api.start()
+        await queue.start()
+        task = asyncio.create_task(worker.run())
+        try:
+            await api.submit(lone, wait=True)
+            woken = await api.wait(lone.id, 60)
+            while await api.depth("bfr"):  # until the worker has acknowledged the entry
+                await asyncio.sleep(0.02)
+            return woken, await api.result(lone.id)
+        finally:
+            worker.request_stop()
+            await task
+            await api.close()
+            await queue.close()
+
+    woken, stored = asyncio.run(scenario())
+    assert woken.state == stored.state == "cancelled"
+    assert len(runner.batches) == 1  # it computed (the check came back meanwhile) ...
+    assert job_outcomes(metrics) == {"cancelled": 1.0}  # ... and dropped the output
+
+
+def test_on_redis_a_small_upload_is_not_decoded_again_by_the_worker(redis_server, tiny_runner, make_settings):
+    settings = make_settings(max_batch=4, max_wait_ms=LONG_WINDOW_MS)
+    api, queue = redis_pair(redis_server, "w" + uuid.uuid4().hex[:8])
+    worker = Worker(queue, lambda: tiny_runner, settings, Metrics())
+    shipped = make_job(90, 90)
+    shipped.pixels = np.full((90, 90, 3), 128, dtype=np.uint8)  # as the API decoded it
+    shipped.image = shipped.image[: len(shipped.image) // 2]  # bytes a worker could not decode
+
+    async def scenario():
+        await api.start()
+        await queue.start()
+        task = asyncio.create_task(worker.run())
+        try:
+            await api.submit(shipped, wait=True)
+            return await api.wait(shipped.id, 60)
+        finally:
+            worker.request_stop()
+            await task
+            await api.close()
+            await queue.close()
+
     result = asyncio.run(scenario())
-    assert result.state == "cancelled"
-    assert runner.batches == [] and worker.batches_done == 0
-    outcomes = {s.labels["outcome"]: s.value for s in metrics.jobs.collect()[0].samples if s.name.endswith("_total")}
-    assert outcomes == {"cancelled": 1.0}
+    assert result.state == "done" and (result.width, result.height) == (90, 90)
 
 
 def test_on_redis_a_lone_job_the_worker_cannot_decode_fails_without_compute(redis_server, tiny_runner, make_settings):
