@@ -27,7 +27,7 @@ _ALIASES = {"torch": "torch", "pytorch": "torch", "eager": "torch", "onnx": "onn
 
 # Per back end: the options build_pipeline accepts (passed to every stage's engine).
 OPTIONS: dict[str, tuple[str, ...]] = {
-    "torch": ("compile", "cuda_graphs"),
+    "torch": ("compile", "cuda_graphs", "cudnn_benchmark"),
     "onnx": ("providers", "intra_op_threads", "inter_op_threads", "trt_ep_fp16", "trt_ep_cache"),
     "tensorrt": ("plan_dir",),
 }
@@ -107,7 +107,8 @@ def build_pipeline(model_dir: str | Path, backend: str | None = "torch", device:
     carry their own precision (``flowie build-engines --fp16``).
 
     options, per back end:
-      torch:    compile (bool or torch.compile mode), cuda_graphs (bool, CUDA only)
+      torch:    compile (bool or torch.compile mode), cuda_graphs (bool, CUDA only),
+                cudnn_benchmark (bool, CUDA only)
       onnx:     intra_op_threads, inter_op_threads (0 = onnxruntime's choice), providers
                 (explicit list), trt_ep_fp16 (bool), trt_ep_cache (bool, default True)
       tensorrt: plan_dir (default: <model>/trt/<gpu>-trt<version>, checked against meta.json)

@@ -8,6 +8,9 @@ not what the references were made with). Both speed-ups are off unless asked for
 - ``cuda_graphs``: capture one CUDA graph per distinct input-shape set and replay it; the
   inputs are copied into static buffers and the output is cloned out. Do not combine it
   with ``compile="reduce-overhead"``, which captures graphs itself.
+- ``cudnn_benchmark``: let cuDNN time its convolution algorithms once per new input shape and
+  keep the fastest (``torch.backends.cudnn.benchmark``; a process-wide flag, CUDA only). The
+  first call per shape is slower. The H200 numbers of docs/PERF.md were measured with it on.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ class TorchEngine(Engine):
     backend = "torch"
 
     def __init__(self, module: nn.Module, spec: StageSpec, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, compile: bool | str = False, cuda_graphs: bool = False):
+                 dtype: torch.dtype = torch.float32, compile: bool | str = False, cuda_graphs: bool = False,
+                 cudnn_benchmark: bool = False):
         self.spec = spec
         self.device = torch.device(device)
         self.precision = dtype
@@ -40,6 +44,11 @@ class TorchEngine(Engine):
             raise EngineError("cuda_graphs=True needs a CUDA device")
         if cuda_graphs and mode == "reduce-overhead":
             raise EngineError("compile='reduce-overhead' already captures CUDA graphs; drop cuda_graphs=True")
+        if cudnn_benchmark and self.device.type != "cuda":
+            raise EngineError("cudnn_benchmark=True needs a CUDA device")
+        if cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True  # process-wide: every engine of this process shares it
+        self.cudnn_benchmark = bool(cudnn_benchmark)
         self.module = module.to(self.device, dtype).eval().requires_grad_(False)
         self.compile_mode = mode
         self._forward = torch.compile(self.module, mode=mode, dynamic=None) if mode else self.module
@@ -55,7 +64,8 @@ class TorchEngine(Engine):
         return cls(module, STAGES[stage], device=device, dtype=dtype, **options)
 
     def describe(self) -> dict:
-        return {**super().describe(), "compile": self.compile_mode, "cuda_graphs": self._graphs is not None}
+        return {**super().describe(), "compile": self.compile_mode, "cuda_graphs": self._graphs is not None,
+                "cudnn_benchmark": self.cudnn_benchmark}
 
     @torch.inference_mode()
     def run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

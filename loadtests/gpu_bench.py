@@ -10,7 +10,10 @@ values -- and measures at 512x512 (latent 64x64), per stage and end to end, for 
   bf16 eager (SDPA), + channels_last, + CUDA graphs (the whole pipeline, sampler loop included,
   captured once per batch size and workload), + torch.compile (the flow UNet and the VAE decoder
   by default; batch marked dynamic so batches 4-16 share one compile, batch 1 is a second one),
-  + both; then fp32 with TF32 and a max-autotune flow UNet if the budget still allows;
+  + both; then fp32 with TF32 and a max-autotune flow UNet if the budget still allows; every
+  mode but the fp32 baseline lets cuDNN time its convolution algorithms (``cudnn.benchmark``),
+  and an A/B mode (``nobench``: half-precision eager at the smallest and largest batch) runs
+  without it, to say what the service's ``FLOWIE_CUDNN_BENCHMARK`` is worth;
 - workloads: BFR mean-value (4 evaluations + wavelet colour fix), BSR one-step (1 evaluation),
   SwinIR only, DiffBIR-style 50 Euler evaluations (measured at batch 1, derived elsewhere);
 - the compute floor: FLOPs counted with ``torch.utils.flop_counter`` per stage at batch 1, the
@@ -232,6 +235,8 @@ class Mode:
     graphs: bool = False  # CUDA graph of each whole workload, one per batch size
     tf32: bool = False  # fp32 matmuls in TF32
     baseline: bool = False  # torch defaults: no cudnn.benchmark, fp32 matmuls in full precision
+    cudnn_benchmark: bool | None = None  # None: on in every mode but the baseline
+    batches: tuple[int, ...] | None = None  # only these batch sizes, and no DiffBIR run (an A/B mode)
 
     def describe(self) -> dict:
         d = asdict(self)
@@ -746,7 +751,7 @@ class Bench:
 
     def set_backend_flags(self, mode: Mode) -> None:
         torch.set_float32_matmul_precision("high" if mode.tf32 else "highest")
-        torch.backends.cudnn.benchmark = not mode.baseline
+        torch.backends.cudnn.benchmark = not mode.baseline if mode.cudnn_benchmark is None else mode.cudnn_benchmark
         # cudnn.allow_tf32 stays at the torch default (recorded in meta.defaults): convolutions of the
         # official-style fp32 baseline run as torch runs them out of the box.
 
@@ -892,7 +897,8 @@ class Bench:
             compiled_batches = set(self.compiled[key]["batches"])
             if len(compiled_batches) and max(compiled_batches) > 1:
                 compiled_batches |= {b for b in a.batch_sizes if b > 1}
-        sizes = sorted(a.batch_sizes, reverse=bool(mode.compile_mode))
+        sizes = sorted((b for b in a.batch_sizes if mode.batches is None or b in mode.batches),
+                       reverse=bool(mode.compile_mode))
         for workload in ("bfr", "bsr", "swinir"):
             wl = result["workloads"].setdefault(workload, {})
             for b in sizes:
@@ -907,7 +913,9 @@ class Bench:
                 self.save()
         # DiffBIR-style 50 evaluations: measured at batch 1 where there is time, derived everywhere.
         wl = result["workloads"].setdefault("diffbir", {})
-        if 1 in a.batch_sizes and (compiled_batches is None or 1 in compiled_batches):
+        if mode.batches is not None:
+            wl["1"] = {"status": "skipped", "reason": "an A/B mode: batch sizes " + ",".join(map(str, sizes))}
+        elif 1 in a.batch_sizes and (compiled_batches is None or 1 in compiled_batches):
             bfr1 = result["workloads"]["bfr"].get("1", {})
             est = bfr1.get("batch_ms", 0) / 1e3 * a.diffbir_steps / 4 * (2 + (1 if mode.graphs else 0))
             if self.remaining() > est:
@@ -1225,6 +1233,13 @@ class Bench:
         half = self.best_half()
         hdtype = torch.float16 if half == "fp16" else torch.bfloat16
         mode_section(Mode(f"{half}_eager_cl", hdtype, channels_last=True), skip=skip_unless("eager_cl"))
+        # Every mode above but the baseline lets cuDNN pick convolution algorithms by timing them;
+        # this one does not, at the smallest and largest batch: what the setting is worth
+        # (FLOWIE_CUDNN_BENCHMARK, on by default on CUDA).
+        ab_batches = (min(a.batch_sizes), max(a.batch_sizes))
+        # (--tiny runs it on the CPU, where cuDNN plays no part: it checks the script's path only.)
+        mode_section(Mode(f"{half}_eager_nobench", hdtype, cudnn_benchmark=False, batches=ab_batches),
+                     needs_cuda=not a.tiny, skip=skip_unless("nobench"))
         self.section("scaling", lambda rec: self.sec_scaling(rec, hdtype if self.cuda or a.cpu_fp16 else torch.float32),
                      min_s=0 if a.tiny else 60, skip_reason=skip_unless("scaling"))
         cl = self.use_channels_last(half)
@@ -1450,8 +1465,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=None, help="image side in pixels, a multiple of 64 (default 512; tiny 128: the tiny UNet needs a 16-pixel latent)")
     p.add_argument("--check-batch", type=int, default=None, help="batch whose outputs are compared with fp32 (default 4)")
     p.add_argument("--modes", default=None,
-                   help="comma list to run only some of: fp32_eager, fp16_eager, bf16_eager, eager_cl, graphs, compile, "
-                        "compile_graphs, tf32, autotune, scaling (default: all)")
+                   help="comma list to run only some of: fp32_eager, fp16_eager, bf16_eager, eager_cl, nobench, graphs, "
+                        "compile, compile_graphs, tf32, autotune, scaling (default: all)")
     p.add_argument("--half", choices=("auto", "fp16", "bf16"), default="auto",
                    help="half precision of the later modes (auto: by the eager results)")
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto")

@@ -39,7 +39,7 @@ class PipelineRunner:
 
     def __init__(self, model_dirs: list[Path], *, device: str = "cpu", dtype: str = "auto",
                  backend: str = "torch", cuda_graphs: bool = True, torch_compile: bool = False,
-                 spill_dir: str = "auto") -> None:
+                 cudnn_benchmark: bool = True, spill_dir: str = "auto") -> None:
         from engines import build_pipeline  # torch: the worker side only
         from flowie.rowstore import spill_policy
 
@@ -54,7 +54,8 @@ class PipelineRunner:
             dtype = "float16" if on_cuda and backend == "torch" else "float32"
         options: dict[str, Any] = {}
         if backend == "torch":
-            options = {"cuda_graphs": bool(cuda_graphs and on_cuda), "compile": bool(torch_compile)}
+            options = {"cuda_graphs": bool(cuda_graphs and on_cuda), "compile": bool(torch_compile),
+                       "cudnn_benchmark": bool(cudnn_benchmark and on_cuda)}
         self.pipelines: dict[str, Any] = {}
         for model_dir in model_dirs:
             # torch modules, onnxruntime sessions or TensorRT plans (`flowie export` / `build-engines`)

@@ -111,6 +111,12 @@ class Settings(BaseSettings):
         description="torch back end on CUDA: replay every stage as a CUDA graph per input shape "
         "(2.2x faster at batch 1 on an H200, no loss at 16; docs/PERF.md)",
     )
+    cudnn_benchmark: bool = Field(
+        True,
+        description="torch back end on CUDA: cuDNN times its convolution algorithms once per new input shape and "
+        "keeps the fastest (the first batch of each shape is slower); the H200 numbers of docs/PERF.md were "
+        "measured with it on",
+    )
     torch_compile: bool = Field(
         False,
         description="torch back end: torch.compile the stages (+10% throughput at batch 16 on an H200 "

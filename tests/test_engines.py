@@ -87,6 +87,9 @@ def test_torch_engine_options_are_checked(info):
         TorchEngine(module, VAE_DECODER, "cpu", torch.float16)
     with pytest.raises(EngineError, match="CUDA"):
         TorchEngine(module, VAE_DECODER, "cpu", cuda_graphs=True)
+    with pytest.raises(EngineError, match="cudnn_benchmark=True needs a CUDA device"):
+        TorchEngine(module, VAE_DECODER, "cpu", cudnn_benchmark=True)
+    assert not torch.backends.cudnn.benchmark  # a refused option leaves the process flag alone
     with pytest.raises(EngineError, match="compile"):
         TorchEngine(module, VAE_DECODER, "cpu", compile="fastest")
 

@@ -94,6 +94,24 @@ def test_cuda_graph_replay_equals_eager_for_each_shape(info):
 
 @pytest.mark.gpu
 @needs_cuda
+def test_cudnn_benchmark_sets_the_process_flag_and_keeps_the_numbers(info):
+    from engines.torch_engine import TorchEngine
+
+    previous = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        eager = TorchEngine.from_model(info, "vae_decoder", "cuda")
+        latent = torch.randn(2, 4, 16, 24, device="cuda")
+        reference = eager(latent)
+        tuned = TorchEngine.from_model(info, "vae_decoder", "cuda", cudnn_benchmark=True)
+        assert torch.backends.cudnn.benchmark and tuned.describe()["cudnn_benchmark"]
+        assert rel_err(tuned(latent), reference) <= 1e-2  # another algorithm (TF32 convolutions by default)
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_torch_compile_matches_eager(info):
     from engines.torch_engine import TorchEngine
 

@@ -117,6 +117,17 @@ def test_cuda_only_sections_are_skipped_with_a_reason(tiny_run):
         assert sections[name]["status"] == "skipped" and sections[name]["reason"], sections[name]
 
 
+def test_the_cudnn_benchmark_ab_mode_runs_only_its_batches_and_no_diffbir(tiny_run):
+    data, _, _ = tiny_run
+    [name] = [n for n in data["modes"] if n.endswith("_eager_nobench")]
+    mode = data["modes"][name]
+    assert mode["settings"]["cudnn_benchmark"] is False and mode["settings"]["batches"] == [1, 2]
+    for workload in ("bfr", "bsr", "swinir"):
+        assert {b: e["status"] for b, e in mode["workloads"][workload].items()} == {"1": "done", "2": "done"}
+    assert mode["workloads"]["diffbir"]["1"]["status"] == "skipped"
+    assert "A/B" in mode["workloads"]["diffbir"]["1"]["reason"]
+
+
 def test_tiny_run_prints_one_table_and_saves_it(tiny_run):
     _, stdout, out = tiny_run
     assert stdout.count("FlowIE gpu_bench") == 1

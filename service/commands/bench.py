@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads for torch and onnxruntime alike (0: each library's default)")
     parser.add_argument("--compile", default=None, help="torch back end: torch.compile mode")
     parser.add_argument("--cuda-graphs", action="store_true", help="torch back end: CUDA-graph replay")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="torch back end on CUDA: cuDNN picks convolution algorithms by timing them")
     parser.add_argument("--workdir", default=None, help="--preset: where to export ONNX files (default: a temp dir)")
     parser.add_argument("--json", default=None, metavar="OUT", help="write every measurement to this JSON file")
 
@@ -131,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
             "model": args.model or f"preset:{args.preset} (random weights)",
             "settings": {"backends": backends, "batches": args.batch, "sizes": args.size, "stages": stages,
                          "repeats": args.repeats, "warmup": args.warmup, "device": str(device), "dtype": args.dtype,
-                         "threads": args.threads or "default", "compile": args.compile, "cuda_graphs": args.cuda_graphs},
+                         "threads": args.threads or "default", "compile": args.compile, "cuda_graphs": args.cuda_graphs,
+                         "cudnn_benchmark": args.cudnn_benchmark},
             "results": rows,
         }
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -146,6 +149,8 @@ def _backend_options(args, backend: str) -> dict:
             options["compile"] = args.compile
         if args.cuda_graphs:
             options["cuda_graphs"] = True
+        if args.cudnn_benchmark:
+            options["cudnn_benchmark"] = True
         return options
     if backend == "onnx":
         return {"intra_op_threads": args.threads}
