@@ -60,7 +60,7 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import BusyLoadingError, ResponseError
+from redis.exceptions import BusyLoadingError, OutOfMemoryError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -93,6 +93,10 @@ SHIP_PIXELS_BYTES = 3 << 16
 # Event-loop turns the reply listener yields after waking a handler (see `_listen`).
 HANDOFF_TURNS = 6
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
+# A Redis at its `maxmemory` with `noeviction` (the deployment's setting) refuses writes: like an
+# outage, the API answers 503 with Retry-After and a worker keeps its job and tries again (results
+# expire and free memory), instead of failing the request with a 500 or stopping the worker.
+FULL_RETRY_AFTER_S = 5.0
 
 _SUBMIT = """
 local depth = redis.call('XLEN', KEYS[1])
@@ -267,6 +271,9 @@ class RedisJobQueue(JobQueue):
             return await coro
         except _UNREACHABLE as exc:
             raise QueueUnavailableError(f"redis unreachable: {type(exc).__name__}") from exc
+        except OutOfMemoryError as exc:
+            raise QueueUnavailableError("redis is full (maxmemory reached; it refuses writes until results "
+                                        "expire or memory is raised)", retry_after_s=FULL_RETRY_AFTER_S) from exc
 
     async def _ensure_groups(self, tasks: list[str], force: bool = False) -> None:
         for task in tasks:

@@ -146,6 +146,31 @@ class RedisServer:
 
         return redis.Redis(port=self.port)
 
+    def fill_up(self) -> None:
+        """Put Redis past its memory limit with eviction off (the deployment's policy): writes are refused."""
+        client = self.client()
+        client.set("test:filler", b"\0" * 4_000_000)
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", "1mb")
+
+    def make_room(self) -> None:
+        client = self.client()
+        client.config_set("maxmemory", "0")
+        client.delete("test:filler")
+
+
+@pytest.fixture()
+def own_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server for one test alone (one that fills it up disturbs no other)."""
+    if not (shutil.which("redis-server") or os.path.exists("/usr/bin/redis-server")):
+        skip_or_fail("redis-server is not installed (apt-get install redis-server); the Redis tests need a real one")
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:

@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from service.queue import redis_streams
-from service.queue.base import Job, JobResult, QueueFullError
+from service.queue.base import Job, JobResult, QueueFullError, QueueUnavailableError
 from service.queue.redis_streams import RedisJobQueue
 
 
@@ -342,3 +342,29 @@ def test_shipped_pixels_that_do_not_fit_their_shape_are_ignored(shape):
     assert redis_streams._shipped_pixels(shape, data) is None
     assert redis_streams._shipped_pixels([64, 48, 3], data[:-1]) is None
     assert redis_streams._shipped_pixels([64, 48, 3], pixels(64, 48).tobytes()).shape == (64, 48, 3)
+
+
+def test_a_full_redis_makes_the_queue_unavailable_for_a_while_not_broken(own_redis_server, prefix):
+    """At maxmemory with noeviction Redis refuses writes: callers get QueueUnavailableError (the API's
+    503 + Retry-After, the worker's back-off), never Redis's own error (a 500, a stopped worker)."""
+    async def scenario():
+        async with api_and_worker(own_redis_server, prefix) as (api, worker):
+            queued = job()
+            await api.submit(queued, wait=True)
+            [delivery] = await worker.take(["bfr"], "w1", 1, 1.0)
+            own_redis_server.fill_up()
+            refused = []
+            for call in (api.submit(job(), wait=False), worker.begin([delivery]),
+                         worker.finish(delivery, done(queued.id)), api.cancel(queued.id)):
+                with pytest.raises(QueueUnavailableError, match="redis is full") as caught:
+                    await call
+                refused.append(caught.value.retry_after_s)
+            assert await api.state(queued.id) == "queued"  # reads still work
+            own_redis_server.make_room()
+            await worker.finish(delivery, done(queued.id))  # the worker's retry
+            result = await api.wait(queued.id, timeout_s=5)
+            return refused, result
+
+    refused, result = run(scenario())
+    assert refused == [redis_streams.FULL_RETRY_AFTER_S] * 4
+    assert result is not None and result.state == "done"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import threading
 import time
 import uuid
@@ -285,6 +286,21 @@ def redis_pair(redis_server, prefix: str) -> tuple[RedisJobQueue, RedisJobQueue]
             RedisJobQueue(redis_server.url, tasks=["bfr"], prefix=prefix, result_ttl_s=60, listen=False))
 
 
+@contextlib.asynccontextmanager
+async def running_worker(api: RedisJobQueue, queue: RedisJobQueue, worker: Worker):
+    """Both queues started and the worker's loop running (the task); all stopped afterwards."""
+    await api.start()
+    await queue.start()
+    task = asyncio.create_task(worker.run())
+    try:
+        yield task
+    finally:
+        worker.request_stop()
+        await task
+        await api.close()
+        await queue.close()
+
+
 def test_on_redis_a_lone_request_costs_one_round_trip_before_compute_and_no_result_read(
         redis_server, tiny_runner, make_settings):
     settings = make_settings(max_batch=4, max_wait_ms=LONG_WINDOW_MS, heartbeat_s=30.0)
@@ -299,10 +315,7 @@ def test_on_redis_a_lone_request_costs_one_round_trip_before_compute_and_no_resu
             await api.forget(job.id)
 
     async def scenario():
-        await api.start()
-        await queue.start()
-        task = asyncio.create_task(worker.run())
-        try:
+        async with running_worker(api, queue, worker):
             warm = await one(make_job(90, 90))  # loads the scripts; the worker is ready after it
             while worker.batches_done < 1:  # its bookkeeping after the result (service time)
                 await asyncio.sleep(0.01)
@@ -312,11 +325,6 @@ def test_on_redis_a_lone_request_costs_one_round_trip_before_compute_and_no_resu
                 while worker.batches_done < 2:
                     await asyncio.sleep(0.01)
             return warm, result, log.counts
-        finally:
-            worker.request_stop()
-            await task
-            await api.close()
-            await queue.close()
 
     warm, result, counts = asyncio.run(scenario())
     assert warm.state == result.state == "done"
@@ -429,20 +437,12 @@ def test_on_redis_a_lone_job_cancelled_as_its_compute_starts_keeps_the_cancelled
     worker, runner, metrics = recording_worker(queue, tiny_runner, settings)
 
     async def scenario():
-        await api.start()
-        await queue.start()
-        task = asyncio.create_task(worker.run())
-        try:
+        async with running_worker(api, queue, worker):
             await api.submit(lone, wait=True)
             woken = await api.wait(lone.id, 60)
             while await api.depth("bfr"):  # until the worker has acknowledged the entry
                 await asyncio.sleep(0.02)
             return woken, await api.result(lone.id)
-        finally:
-            worker.request_stop()
-            await task
-            await api.close()
-            await queue.close()
 
     woken, stored = asyncio.run(scenario())
     assert woken.state == stored.state == "cancelled"
@@ -459,17 +459,9 @@ def test_on_redis_a_small_upload_is_not_decoded_again_by_the_worker(redis_server
     shipped.image = shipped.image[: len(shipped.image) // 2]  # bytes a worker could not decode
 
     async def scenario():
-        await api.start()
-        await queue.start()
-        task = asyncio.create_task(worker.run())
-        try:
+        async with running_worker(api, queue, worker):
             await api.submit(shipped, wait=True)
             return await api.wait(shipped.id, 60)
-        finally:
-            worker.request_stop()
-            await task
-            await api.close()
-            await queue.close()
 
     result = asyncio.run(scenario())
     assert result.state == "done" and (result.width, result.height) == (90, 90)
@@ -484,18 +476,43 @@ def test_on_redis_a_lone_job_the_worker_cannot_decode_fails_without_compute(redi
     broken.image = broken.image[: len(broken.image) // 2]  # a truncated PNG (the API would refuse it)
 
     async def scenario():
-        await api.start()
-        await queue.start()
-        task = asyncio.create_task(worker.run())
-        try:
+        async with running_worker(api, queue, worker):
             await api.submit(broken, wait=True)
             return await api.wait(broken.id, 60), await api.state(broken.id)
-        finally:
-            worker.request_stop()
-            await task
-            await api.close()
-            await queue.close()
 
     result, state = asyncio.run(scenario())
     assert result.state == state == "failed" and result.problem["status"] == 400
     assert runner.batches == []
+
+
+def test_on_a_full_redis_the_worker_keeps_its_result_and_stores_it_once_there_is_room(
+        own_redis_server, tiny_runner, make_settings):
+    settings = make_settings(max_batch=4, max_wait_ms=LONG_WINDOW_MS, heartbeat_s=30.0)
+    api, queue = redis_pair(own_redis_server, "w" + uuid.uuid4().hex[:8])
+    computing, go_on = threading.Event(), threading.Event()
+    worker, runner, metrics = recording_worker(queue, tiny_runner, settings)
+    runner.on_batch = lambda: (computing.set(), go_on.wait(60))  # the batch waits for the test
+    lone = make_job(90, 90)
+    client = own_redis_server.client()
+
+    def refused_writes() -> int:
+        return int(client.info("errorstats").get("errorstat_OOM", {}).get("count", 0))
+
+    async def scenario():
+        async with running_worker(api, queue, worker) as task:
+            await api.submit(lone, wait=True)
+            await asyncio.to_thread(computing.wait, 60)
+            while await api.state(lone.id) != "running":  # the check before compute is through
+                await asyncio.sleep(0.01)
+            own_redis_server.fill_up()
+            go_on.set()  # the compute ends, and storing its result is refused
+            while refused_writes() < 1:
+                await asyncio.sleep(0.01)
+            during = (await api.state(lone.id), task.done(), worker.crashed)
+            own_redis_server.make_room()
+            return during, await api.wait(lone.id, 30)
+
+    (state, stopped, crashed), result = asyncio.run(scenario())
+    assert state == "running" and not stopped and crashed is None  # waiting for room, not dead
+    assert result is not None and result.state == "done"
+    assert job_outcomes(metrics) == {"done": 1.0} and len(runner.batches) == 1
