@@ -60,7 +60,7 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import BusyLoadingError, OutOfMemoryError, ResponseError
+from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -93,9 +93,11 @@ SHIP_PIXELS_BYTES = 3 << 16
 # Event-loop turns the reply listener yields after waking a handler (see `_listen`).
 HANDOFF_TURNS = 6
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
-# A Redis at its `maxmemory` with `noeviction` (the deployment's setting) refuses writes: like an
-# outage, the API answers 503 with Retry-After and a worker keeps its job and tries again (results
-# expire and free memory), instead of failing the request with a 500 or stopping the worker.
+# A Redis that refuses writes for a while is treated like an outage: the API answers 503 with
+# Retry-After and a worker keeps its job and tries again, instead of failing the request with a
+# 500 or stopping the worker. It refuses them at its `maxmemory` with `noeviction` (the
+# deployment's setting) until results expire, and as a replica (a client still connected to a
+# primary that a failover demoted) until the client reconnects to the new primary.
 FULL_RETRY_AFTER_S = 5.0
 
 _SUBMIT = """
@@ -274,6 +276,12 @@ class RedisJobQueue(JobQueue):
         except OutOfMemoryError as exc:
             raise QueueUnavailableError("redis is full (maxmemory reached; it refuses writes until results "
                                         "expire or memory is raised)", retry_after_s=FULL_RETRY_AFTER_S) from exc
+        except ReadOnlyError as exc:
+            # The connections may still lead to a primary that a failover demoted: drop them, so the
+            # next command connects again (to wherever the URL's name leads now).
+            await self._pool.disconnect()
+            raise QueueUnavailableError("redis is a read-only replica (a failover?); writes are refused; "
+                                        "reconnecting") from exc
 
     async def _ensure_groups(self, tasks: list[str], force: bool = False) -> None:
         for task in tasks:
@@ -378,10 +386,12 @@ class RedisJobQueue(JobQueue):
                         await asyncio.sleep(0)
             except asyncio.CancelledError:
                 raise
-            except _UNREACHABLE as exc:
+            except (*_UNREACHABLE, ReadOnlyError) as exc:
                 if not lost_connection:
                     log.warning("redis unreachable (%s); retrying", type(exc).__name__)
                 lost_connection = True
+                if isinstance(exc, ReadOnlyError):  # a demoted primary (see `_call`): connect again
+                    await self._listener_redis.connection_pool.disconnect()
                 await asyncio.sleep(backoff)
                 backoff = min(2.0, backoff * 2)
             except Exception:  # noqa: BLE001 - the listener must outlive any one bad reply

@@ -368,3 +368,28 @@ def test_a_full_redis_makes_the_queue_unavailable_for_a_while_not_broken(own_red
     refused, result = run(scenario())
     assert refused == [redis_streams.FULL_RETRY_AFTER_S] * 4
     assert result is not None and result.state == "done"
+
+
+def test_a_redis_demoted_to_a_replica_makes_the_queue_unavailable_not_broken(own_redis_server, prefix):
+    """After a failover, a client still on the old primary gets READONLY: an outage, not an error."""
+    async def scenario():
+        async with api_and_worker(own_redis_server, prefix) as (api, worker):
+            queued = job()
+            await api.submit(queued, wait=True)
+            [delivery] = await worker.take(["bfr"], "w1", 1, 1.0)
+            connection_before = await worker._redis.client_id()
+            own_redis_server.client().replicaof("127.0.0.1", "1")  # a primary that is not there
+            try:
+                for call in (api.submit(job(), wait=False), worker.take(["bfr"], "w1", 1, 0.0),
+                             worker.finish(delivery, done(queued.id))):
+                    with pytest.raises(QueueUnavailableError, match="read-only replica"):
+                        await call
+            finally:
+                own_redis_server.client().replicaof("NO", "ONE")
+            connection_after = await worker._redis.client_id()
+            await worker.finish(delivery, done(queued.id))  # the worker's retry
+            return connection_before, connection_after, await api.wait(queued.id, timeout_s=5)
+
+    before, after, result = run(scenario())
+    assert after != before  # the connections to the demoted server were dropped, not kept
+    assert result is not None and result.state == "done"
