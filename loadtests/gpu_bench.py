@@ -16,6 +16,8 @@ values -- and measures at 512x512 (latent 64x64), per stage and end to end, for 
   without it, to say what the service's ``FLOWIE_CUDNN_BENCHMARK`` is worth;
 - workloads: BFR mean-value (4 evaluations + wavelet colour fix), BSR one-step (1 evaluation),
   SwinIR only, DiffBIR-style 50 Euler evaluations (measured at batch 1, derived elsewhere);
+- the service path: ``Pipeline.enhance`` on the service's engines (per-stage CUDA graphs,
+  uint8 in and out) at the smallest and largest batch, against the modes above;
 - the compute floor: FLOPs counted with ``torch.utils.flop_counter`` per stage at batch 1, the
   card's measured dense matmul rates and copy bandwidth, and the achieved fraction per mode;
 - a numeric check of every fast mode against fp32 eager on the same inputs, weights and noise
@@ -1116,6 +1118,63 @@ class Bench:
                 for r in timed]
         self.data["scaling"] = rec
 
+    def sec_service(self, rec: dict, dtype: torch.dtype) -> None:
+        """What a worker computes per batch: ``Pipeline.enhance`` on ``TorchEngine`` stages with the
+        service's CUDA defaults (``dtype``, a CUDA graph per stage and input shape, cudnn.benchmark;
+        eager float32 on a CPU), uint8 images in and out, so the pre- and post-processing, the sampler
+        loop in Python and one synchronisation per stage (the per-stage timings) are included; the
+        modes above capture the whole sampler in one graph instead. BFR mean-value and a one-step
+        run of the same networks (BSR-style: 1 evaluation, no upscale) at the bench's size, batch 1
+        and the largest; wall clock, median of repeats after two warm-up calls (graph capture).
+        """
+        from engines.torch_engine import TorchEngine
+        from flowie.convert import model_meta
+        from flowie.modeldir import ModelInfo
+        from flowie.params import EnhanceParams
+        from flowie.pipeline import Pipeline
+        from flowie.stages import STAGES as SPECS
+
+        a = self.args
+        mods = self.modules_for(dtype, False)
+        options = {"cuda_graphs": self.cuda, "cudnn_benchmark": self.cuda}
+        stages = {n: TorchEngine(mods[n], SPECS[n], self.device, dtype, **options) for n in STAGES}
+        meta = model_meta(self.spec, tuple(self.null_context[:1].shape), {"name": "gpu-bench random weights"})
+        pipe = Pipeline(ModelInfo(path=self.out_dir, meta=meta), stages, self.null_context[:1], device=self.device)
+        rec.update(dtype=str(dtype).replace("torch.", ""), engine_options=options, size=a.size, workloads={})
+        common = {"upscale": 1.0, "min_side": 0, "tile": "off", "color_fix": "wavelet"}
+        workloads = {"bfr": EnhanceParams(sampler="mean_value", **common),
+                     "bsr": EnhanceParams(sampler="one_step", **common)}
+        gen = torch.Generator(device="cpu").manual_seed(a.seed + 3)
+        image = (torch.rand(a.size, a.size, 3, generator=gen) * 255).round().to(torch.uint8).numpy()
+        try:
+            for workload, params in workloads.items():
+                rows = rec["workloads"][workload] = {}
+                for b in sorted({min(a.batch_sizes), max(a.batch_sizes)}):
+                    if self.remaining() < 15:
+                        rows[str(b)] = {"status": "skipped", "reason": "budget"}
+                        continue
+                    images, seeds = [image] * b, list(range(b))
+                    for _ in range(2):  # capture the graphs of this shape, pick the algorithms
+                        pipe.enhance(images, params, seeds=seeds, keep_restored=False)
+                    times, stage_s = [], {}
+                    while len(times) < a.min_reps or (sum(times) < a.rep_target_s and len(times) < a.max_reps):
+                        self.sync()
+                        t0 = time.perf_counter()
+                        out = pipe.enhance(images, params, seeds=seeds, keep_restored=False)
+                        times.append(time.perf_counter() - t0)
+                        stage_s = out[0].timings
+                    batch_ms = median(times) * 1000
+                    rows[str(b)] = {"status": "done", "batch_ms": batch_ms, "ms_per_img": batch_ms / b,
+                                    "img_per_s": b / (batch_ms / 1000), "reps": len(times),
+                                    "stages_ms": {k: round(v * 1000, 3) for k, v in stage_s.items()}}
+                    log(f"service {workload} b={b}: {batch_ms:.1f} ms/batch, {b / (batch_ms / 1000):.2f} img/s")
+                    self.save()
+        finally:
+            del pipe, stages
+            if self.cuda:
+                torch.cuda.empty_cache()
+        self.data["service"] = rec
+
     # -------------------------------------------------------------- choices between sections
 
     def best_half(self) -> str:
@@ -1246,6 +1305,8 @@ class Bench:
         suffix = "_cl" if cl else ""
         mode_section(Mode(f"{half}{suffix}_graphs", hdtype, channels_last=cl, graphs=True), needs_cuda=True,
                      skip=skip_unless("graphs"))
+        self.section("service", lambda rec: self.sec_service(rec, hdtype if self.cuda else torch.float32),
+                     min_s=0 if a.tiny else 40, skip_reason=skip_unless("service"))
         compile_skip = skip_unless("compile") or (None if self.cuda or a.cpu_compile else
                                                   "torch.compile is measured on the GPU only; pass --cpu-compile")
         mode_section(Mode(f"{half}{suffix}_compile", hdtype, channels_last=cl, compile_mode=a.compile_mode),
@@ -1391,6 +1452,13 @@ class Bench:
                 f"{r['megapixels']:.2g} MP streamed {cell(r, 'streamed')}, batch {cell(r, 'batch')}" for r in scaling["rows"])
                 + (f"; streamed peak last/previous {scaling['streamed_peak_ratio_last_two']:.2f}x (goal <= 1.2)"
                    if "streamed_peak_ratio_last_two" in scaling else ""))
+        service = self.data.get("service", {})
+        if service.get("workloads"):
+            opts = service.get("engine_options", {})
+            lines.append(f"service path (Pipeline.enhance on {service.get('dtype')} engines, CUDA graphs per stage "
+                         f"{'on' if opts.get('cuda_graphs') else 'off'}): " + "; ".join(
+                f"{wl.upper()} b{b} {e['batch_ms']:.1f} ms = {e['img_per_s']:.2f} img/s"
+                for wl, rows in service["workloads"].items() for b, e in rows.items() if e.get("status") == "done"))
         skipped = [f"{s['name']} ({s['reason']})" for s in self.data["sections"] if s["status"] == "skipped"]
         errors = [f"{s['name']}: {s.get('error', '')[:120]}" for s in self.data["sections"] if s["status"] == "error"]
         partial = [f"{s['name']} ({'; '.join(s.get('entry_errors', [])[:2]) or 'budget'})"
@@ -1466,7 +1534,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check-batch", type=int, default=None, help="batch whose outputs are compared with fp32 (default 4)")
     p.add_argument("--modes", default=None,
                    help="comma list to run only some of: fp32_eager, fp16_eager, bf16_eager, eager_cl, nobench, graphs, "
-                        "compile, compile_graphs, tf32, autotune, scaling (default: all)")
+                        "service, compile, compile_graphs, tf32, autotune, scaling (default: all)")
     p.add_argument("--half", choices=("auto", "fp16", "bf16"), default="auto",
                    help="half precision of the later modes (auto: by the eager results)")
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto")

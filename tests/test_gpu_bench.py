@@ -175,3 +175,21 @@ def test_tiny_run_measures_the_pipeline_against_image_size(tiny_run):
             assert row[path]["s"] > 0 and row[path]["stages_s"]["vae_decoder"] > 0, row
             assert "peak_mib" not in row[path]  # device memory is read on CUDA only
     assert "scaling (float32, one step, tiles)" in (out / "gpu_bench_table.txt").read_text()
+
+
+def test_tiny_run_measures_the_service_path_on_the_engines(tiny_run):
+    data, _, out = tiny_run
+    sections = {s["name"]: s for s in data["sections"]}
+    assert sections["service"]["status"] == "done", sections["service"]
+    service = data["service"]
+    assert service["engine_options"] == {"cuda_graphs": False, "cudnn_benchmark": False}  # a CPU
+    for workload in ("bfr", "bsr"):
+        rows = service["workloads"][workload]
+        assert set(rows) == {"1", "2"}
+        for b, row in rows.items():
+            assert row["status"] == "done" and row["batch_ms"] > 0 and row["reps"] >= 1
+            assert row["img_per_s"] == pytest.approx(int(b) / (row["batch_ms"] / 1000))
+            assert row["stages_ms"]["flow_unet"] > 0 and row["stages_ms"]["vae_decoder"] > 0
+    # mean-value makes 4 evaluations, one-step 1: the flow takes longer in the BFR run
+    assert service["workloads"]["bfr"]["1"]["stages_ms"]["flow_unet"] > service["workloads"]["bsr"]["1"]["stages_ms"]["flow_unet"]
+    assert "service path (Pipeline.enhance on float32 engines" in (out / "gpu_bench_table.txt").read_text()
