@@ -28,6 +28,10 @@ from PIL import Image, ImageFile, ImageOps
 PILLOW_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 OUTPUT_FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 DEFAULT_QUALITY = {"png": None, "jpeg": 95, "webp": 90}
+# zlib level of PNG outputs (lossless at every level: only time and size change). Measured on a
+# 512 x 512 photo (docs/PERF.md, "Encoding the answer"): level 1 takes a third of level 6's time
+# for 10 % more bytes, and the encode is on the path of every answer.
+DEFAULT_PNG_COMPRESS_LEVEL = 1
 # Smallest padded work side the networks accept: the latent (1/8 of the image) is halved three
 # times in the UNet, and its GroupNorms fail on a 1 x 1 map (a 64 px side). Measured with the
 # tiny reference model; full-size models have the same depth.
@@ -196,8 +200,10 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
 
 
-def encode_image(rgb: np.ndarray, fmt: str, quality: int | None = None) -> bytes:
-    """uint8 [H, W, 3] RGB -> bytes of png | jpeg | webp (quality 1..100; PNG ignores it)."""
+def encode_image(rgb: np.ndarray, fmt: str, quality: int | None = None,
+                 png_compress_level: int = DEFAULT_PNG_COMPRESS_LEVEL) -> bytes:
+    """uint8 [H, W, 3] RGB -> bytes of png | jpeg | webp (quality 1..100; PNG ignores it and is
+    compressed at zlib level ``png_compress_level``, 0..9)."""
     if fmt not in OUTPUT_FORMATS:
         raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
     image = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), mode="RGB") if rgb.ndim == 3 \
@@ -205,7 +211,7 @@ def encode_image(rgb: np.ndarray, fmt: str, quality: int | None = None) -> bytes
     buffer = io.BytesIO()
     q = quality if quality is not None else DEFAULT_QUALITY[fmt]
     if fmt == "png":
-        image.save(buffer, format="PNG", compress_level=6)
+        image.save(buffer, format="PNG", compress_level=int(png_compress_level))
     elif fmt == "jpeg":
         image.save(buffer, format="JPEG", quality=int(q), subsampling=0 if int(q) >= 90 else 2)
     else:

@@ -130,6 +130,16 @@ class Settings(BaseSettings):
         "Results are the same bits either way (docs/PERF.md, scaling)",
     )
     max_batch: int = Field(4, ge=1, le=64, description="most images the worker runs in one batch")
+    codec_threads: int = Field(
+        0, ge=0, le=64,
+        description="threads a worker encodes a batch's answers and decodes a batch's uploads with (the image "
+        "codecs release the GIL; a 512x512 PNG takes tens of ms); 0 = min(8, CPU cores)",
+    )
+    png_compress_level: int = Field(
+        1, ge=0, le=9,
+        description="zlib level of PNG answers (lossless at every level); 1 encodes a 512x512 photo 3x faster "
+        "than 6 for 10% more bytes (docs/PERF.md)",
+    )
     batch_lookahead: int = Field(
         16, ge=0, le=256,
         description="jobs a worker with a backlog holds to find batch mates for the oldest one (a mixed "

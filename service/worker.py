@@ -35,6 +35,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +111,7 @@ class Worker:
         # Batches started after waiting for batch mates / at once (what the batching window cost).
         self.windows_waited = 0
         self.started_at_once = 0
+        self._codec_pool: ThreadPoolExecutor | None = None
 
     @property
     def max_batch(self) -> int:
@@ -159,6 +161,9 @@ class Worker:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
             await self._hand_back()
+            if self._codec_pool is not None:
+                self._codec_pool.shutdown(wait=False)
+                self._codec_pool = None
 
     async def _hand_back(self) -> None:
         unstarted = [p.delivery for p in self._buffer] + self._inbox
@@ -276,25 +281,37 @@ class Worker:
                     return False
         return True
 
+    @property
+    def _codec(self) -> ThreadPoolExecutor:
+        """Threads that encode a batch's answers and decode a batch's uploads in parallel (the image
+        codecs release the GIL), made on first use."""
+        if self._codec_pool is None:
+            threads = self.settings.codec_threads or min(8, os.cpu_count() or 1)
+            self._codec_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="flowie-codec")
+        return self._codec_pool
+
     def _prepare_sync(self, deliveries: list[Delivery]) -> list[_Prepared | tuple[int, str, str, str]]:
+        """Decode and key deliveries (several at once on the codec threads); a problem tuple for a bad one."""
+        if len(deliveries) > 1 and sum(d.job.pixels is None for d in deliveries) > 1:
+            return list(self._codec.map(self._prepare_one, deliveries))
+        return [self._prepare_one(delivery) for delivery in deliveries]
+
+    def _prepare_one(self, delivery: Delivery) -> _Prepared | tuple[int, str, str, str]:
         assert self.runner is not None
-        out: list[_Prepared | tuple[int, str, str, str]] = []
-        for delivery in deliveries:
-            job = delivery.job
-            try:
-                if job.task not in self.runner.tasks:
-                    raise LookupError(f"this worker serves {', '.join(self.runner.tasks)}, not {job.task!r}")
-                pixels = job.pixels if job.pixels is not None else decode_image(job.image, self.settings.max_pixels)
-                params = EnhanceParams(**job.params).validate()
-                shape = self.runner.padded_shape(job.task, pixels.shape[0], pixels.shape[1], params)
-                inference = dataclasses.replace(params, seed=None)
-                key = (job.task, *dataclasses.astuple(inference), tuple(shape))
-                out.append(_Prepared(delivery, pixels, params, key))
-            except ImageError as exc:
-                out.append((400, "bad-request", "Bad request", str(exc)))
-            except (ValueError, TypeError, LookupError) as exc:
-                out.append((422, "invalid-field", "Invalid field", str(exc)))
-        return out
+        job = delivery.job
+        try:
+            if job.task not in self.runner.tasks:
+                raise LookupError(f"this worker serves {', '.join(self.runner.tasks)}, not {job.task!r}")
+            pixels = job.pixels if job.pixels is not None else decode_image(job.image, self.settings.max_pixels)
+            params = EnhanceParams(**job.params).validate()
+            shape = self.runner.padded_shape(job.task, pixels.shape[0], pixels.shape[1], params)
+            inference = dataclasses.replace(params, seed=None)
+            key = (job.task, *dataclasses.astuple(inference), tuple(shape))
+            return _Prepared(delivery, pixels, params, key)
+        except ImageError as exc:
+            return (400, "bad-request", "Bad request", str(exc))
+        except (ValueError, TypeError, LookupError) as exc:
+            return (422, "invalid-field", "Invalid field", str(exc))
 
     async def _drop_dead(self, items: list[_Prepared]) -> list[_Prepared]:
         """Acknowledge, without compute, jobs cancelled / finished elsewhere / past deadline."""
@@ -377,9 +394,10 @@ class Worker:
         finished_meanwhile = await self._answer(alongside)
         self.metrics.batch_size.labels(task=task).observe(len(batch))
         timings = dict(getattr(outputs[0][1], "timings", {}) or {})
+        timings["encode"] = outputs[0][2]
         for stage, seconds in timings.items():
             self.metrics.stage_duration.labels(stage=stage, backend=self.runner.backend).observe(float(seconds))
-        for p, (encoded, output) in zip(batch, outputs, strict=True):
+        for p, (encoded, output, _) in zip(batch, outputs, strict=True):
             job = p.delivery.job
             if p.job_id in finished_meanwhile:  # cancelled as compute began: drop the output
                 await self._finish_cancelled(p.delivery)
@@ -405,16 +423,25 @@ class Worker:
         for kind, value in self.runner.memory_bytes().items():
             self.metrics.gpu_memory.labels(device=self.settings.device, kind=kind).set(value)
 
-    def _compute(self, task: str, batch: list[_Prepared]) -> list[tuple[bytes, Any]]:
-        """Thread: run the batch and encode each output in its job's format."""
+    def _compute(self, task: str, batch: list[_Prepared]) -> list[tuple[bytes, Any, float]]:
+        """Thread: run the batch and encode each output in its job's format (in parallel on the codec
+        threads when there are several); (bytes, output, the batch's encoding seconds) per job."""
         assert self.runner is not None
         params = dataclasses.replace(batch[0].params, seed=None)
         seeds = [int(p.params.seed) for p in batch]  # type: ignore[arg-type]
         outputs = self.runner.enhance(task, [p.pixels for p in batch], params, seeds)
         if len(outputs) != len(batch):
             raise RuntimeError(f"pipeline returned {len(outputs)} results for {len(batch)} images")
-        return [(encode_image(out.image, p.delivery.job.output_format, p.delivery.job.quality), out)
-                for p, out in zip(batch, outputs, strict=True)]
+        started = time.perf_counter()
+
+        def encode(item: tuple[_Prepared, Any]) -> bytes:
+            job = item[0].delivery.job
+            return encode_image(item[1].image, job.output_format, job.quality, self.settings.png_compress_level)
+
+        pairs = list(zip(batch, outputs, strict=True))
+        encoded = list(self._codec.map(encode, pairs)) if len(pairs) > 1 else [encode(pairs[0])]
+        seconds = time.perf_counter() - started
+        return [(data, out, seconds) for data, (_, out) in zip(encoded, pairs, strict=True)]
 
     async def _finish(self, delivery: Delivery, result: JobResult, *, outcome: str) -> None:
         """Store the result and acknowledge; while the queue is down keep trying until the deadline

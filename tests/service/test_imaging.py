@@ -92,6 +92,23 @@ def test_encode_formats_round_trip(fmt, pil):
         assert np.array_equal(np.asarray(image), picture)
 
 
+def zlib_level(png_bytes: bytes) -> int:
+    """The FLEVEL of a PNG's first IDAT stream (zlib writes 0 for levels 0-1, 1 for 2-5, 2 for 6, 3 for 7-9)."""
+    at = png_bytes.index(b"IDAT") + 4
+    return png_bytes[at + 1] >> 6
+
+
+def test_png_answers_are_lossless_at_every_compression_level_and_fast_by_default():
+    rng = np.random.default_rng(3)
+    picture = (gradient(64, 48).astype(int) + rng.integers(0, 8, (48, 64, 3))).clip(0, 255).astype(np.uint8)
+    default, level6, level9 = (encode_image(picture, "png"), encode_image(picture, "png", png_compress_level=6),
+                               encode_image(picture, "png", png_compress_level=9))
+    assert [zlib_level(d) for d in (default, level6, level9)] == [0, 2, 3]  # the default is level 1
+    for data in (default, level6, level9):
+        assert np.array_equal(np.asarray(decode(data)), picture)
+    assert len(level9) <= len(level6) < len(default)
+
+
 def test_plan_sizes_matches_the_pipeline_plan():
     pytest.importorskip("torch")
     from flowie.imageops import plan_resize

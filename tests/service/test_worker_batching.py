@@ -91,6 +91,44 @@ def test_jobs_batch_by_params_and_padded_shape_and_dead_jobs_never_compute(tiny_
     assert sum(len(shapes) for _, shapes, _ in runner.batches) == 4
 
 
+def test_a_batch_is_encoded_on_the_codec_threads_each_job_in_its_own_format(tiny_runner, make_settings, monkeypatch):
+    import service.worker as worker_module
+    from service.imaging import encode_image
+
+    threads: list[str] = []
+
+    def spy(*args, **kwargs):  # the real encoder, noting the thread it runs on
+        threads.append(threading.current_thread().name)
+        return encode_image(*args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "encode_image", spy)
+    settings = make_settings(max_batch=3, max_wait_ms=300.0, png_compress_level=9, codec_threads=2)
+    queue, metrics = MemoryJobQueue(16, 60), Metrics()
+    worker = Worker(queue, lambda: tiny_runner, settings, metrics)
+    jobs = [make_job(90, 90), make_job(90, 90), make_job(90, 90)]
+    jobs[1].output_format = "jpeg"
+
+    async def scenario():
+        for job in jobs:
+            await queue.submit(job, wait=False)
+        task = asyncio.create_task(worker.run())
+        results = [await queue.wait(j.id, 120) for j in jobs]
+        worker.request_stop()
+        await task
+        return results
+
+    results = asyncio.run(scenario())
+    assert [r.state for r in results] == ["done"] * 3 and {r.batch_size for r in results} == {3}
+    assert [r.format for r in results] == ["png", "jpeg", "png"]
+    assert results[1].image[:2] == b"\xff\xd8"  # JPEG
+    assert all(r.image[r.image.index(b"IDAT") + 5] >> 6 == 3 for r in (results[0], results[2]))  # zlib level 9
+    assert len(threads) == 3 and all(name.startswith("flowie-codec") for name in threads)
+    assert all(r.timings["encode"] > 0 for r in results)
+    encode_samples = [s for s in metrics.stage_duration.collect()[0].samples
+                      if s.labels.get("stage") == "encode" and s.name.endswith("_count")]
+    assert encode_samples and encode_samples[0].value == 1  # one batch
+
+
 def test_stop_finishes_the_batch_in_progress_and_hands_back_the_rest(tiny_runner, make_settings):
     settings = make_settings(max_batch=4, max_wait_ms=0.0)
     queue, metrics = MemoryJobQueue(16, 60), Metrics()
