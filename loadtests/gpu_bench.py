@@ -1164,6 +1164,9 @@ class Bench:
                     images, seeds = [image] * b, list(range(b))
                     for _ in range(2):  # capture the graphs of this shape, pick the algorithms
                         pipe.enhance(images, params, seeds=seeds, keep_restored=False)
+                    if self.cuda:  # what a worker batch of this size holds on the card (weights included)
+                        self.sync()
+                        torch.cuda.reset_peak_memory_stats(self.device)
                     times, stage_s = [], {}
                     while len(times) < a.min_reps or (sum(times) < a.rep_target_s and len(times) < a.max_reps):
                         self.sync()
@@ -1183,6 +1186,8 @@ class Bench:
                                     "stages_ms": {k: round(v * 1000, 3) for k, v in stage_s.items()},
                                     "encode_png_batch_ms": encode_ms,
                                     "img_per_s_with_encode": b / ((batch_ms + encode_ms) / 1000)}
+                    if self.cuda:
+                        rows[str(b)]["peak_allocated_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
                     log(f"service {workload} b={b}: {batch_ms:.1f} ms/batch, {b / (batch_ms / 1000):.2f} img/s; "
                         f"PNG answers {encode_ms:.1f} ms more")
                     self.save()
