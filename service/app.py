@@ -575,7 +575,8 @@ def create_app(settings: Settings, queue: JobQueue, models: dict[str, ModelInfo]
             if worker.crashed:
                 reasons.append(f"worker stopped by an error (see the log): {worker.crashed}")
             else:
-                reasons.append(f"model load failed: {worker.load_error}" if worker.load_error else "models loading")
+                reasons.append(f"model load failed: {worker.load_error}" if worker.load_error
+                               else f"warming up: {worker.warming}" if worker.warming else "models loading")
         try:
             await queue.ping()
             checks["queue"] = "ok"

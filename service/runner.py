@@ -33,6 +33,9 @@ class Runner(Protocol):
     def memory_bytes(self) -> dict[str, int]:
         """Accelerator memory held, by kind ({} on the CPU)."""
 
+    def default_min_side(self, task: str) -> int:
+        """The model's default ``min_side``: the work size of a typical small request."""
+
 
 class PipelineRunner:
     """Loads every model directory on ``device``; one model per task."""
@@ -81,6 +84,9 @@ class PipelineRunner:
                 seeds: list[int]) -> list[Any]:
         # The API answers with the final image only: skip the stage-1 image's conversion.
         return list(self.pipelines[task].enhance(images, params, seeds=seeds, keep_restored=False))
+
+    def default_min_side(self, task: str) -> int:
+        return int(self.pipelines[task].info.defaults.get("min_side") or 0)
 
     def memory_bytes(self) -> dict[str, int]:
         if not self.device.startswith("cuda"):

@@ -33,6 +33,23 @@ def _split_commas(value: Any) -> Any:
     return value
 
 
+# The networks need this many pixels per side at least (8 latent pixels); a warm-up size below it is a typo.
+MIN_WARMUP_SIDE = 64
+
+
+def warmup_sizes(value: str) -> list[tuple[int, int]]:
+    """``"512x512, 768x512"`` -> [(512, 512), (768, 512)] (height x width); ValueError saying what is wrong."""
+    sizes = []
+    for part in (p.strip() for p in value.split(",")):
+        height, _, width = part.partition("x")
+        if not (height.isdigit() and width.isdigit()):
+            raise ValueError(f"FLOWIE_WARMUP: {part!r} is not HxW (e.g. 512x512); or use auto or off")
+        if min(int(height), int(width)) < MIN_WARMUP_SIDE:
+            raise ValueError(f"FLOWIE_WARMUP: {part!r} is smaller than {MIN_WARMUP_SIDE} pixels on a side")
+        sizes.append((int(height), int(width)))
+    return sizes
+
+
 class Settings(BaseSettings):
     """FlowIE Serve settings. Field name `max_queue` = env `FLOWIE_MAX_QUEUE` = flag `--max-queue`."""
 
@@ -130,6 +147,13 @@ class Settings(BaseSettings):
         "Results are the same bits either way (docs/PERF.md, scaling)",
     )
     max_batch: int = Field(4, ge=1, le=64, description="most images the worker runs in one batch")
+    warmup: str = Field(
+        "auto",
+        description="work sizes the worker runs once at every batch size up to max_batch before it reports "
+        "ready, so that the first requests do not pay CUDA-graph capture, the cuDNN algorithm search or "
+        "torch.compile: auto = on CUDA the square of each model's default min_side, on the CPU none; off; or "
+        "a comma list of HxW (e.g. 512x512,768x512)",
+    )
     codec_threads: int = Field(
         0, ge=0, le=64,
         description="threads a worker encodes a batch's answers and decodes a batch's uploads with (the image "
@@ -174,6 +198,14 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split_commas(value)
+
+    @field_validator("warmup")
+    @classmethod
+    def _warmup_sizes(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in ("auto", "off"):
+            warmup_sizes(value)  # raises with what is wrong
+        return value
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:

@@ -21,6 +21,11 @@ round trip between a lone request and its compute. Inference runs in a thread, s
 keeps heartbeating while a batch computes; a failing batch is retried one job at a time so one
 bad job cannot fail its neighbours.
 
+Warm-up (``FLOWIE_WARMUP``): before it reports ready, the worker runs each warm-up work size once
+at every batch size up to ``max_batch`` on a blank image, so that the first requests of that size do
+not pay what a new input shape costs on a GPU (CUDA-graph capture, the cuDNN algorithm search,
+torch.compile). Its progress is logged and shown by /readyz; a failing size is logged and skipped.
+
 Shutdown (``request_stop``, SIGTERM): the batch in progress finishes and is stored; jobs taken
 but not started are handed back to the queue for other workers.
 """
@@ -54,7 +59,7 @@ from service.logs import request_id_var
 from service.metrics import Metrics
 from service.queue.base import Delivery, JobQueue, JobResult, QueueUnavailableError
 from service.runner import Runner
-from service.settings import Settings
+from service.settings import MIN_WARMUP_SIDE, Settings, warmup_sizes
 
 log = logging.getLogger("flowie.service.worker")
 
@@ -101,6 +106,7 @@ class Worker:
         self.ready = False
         self.load_error: str | None = None
         self.crashed: str | None = None  # the error that stopped the loop after the models loaded
+        self.warming: str | None = None  # what the warm-up is running (/readyz says so)
         self._stopping = False
         self._buffer: list[_Prepared] = []
         self._inbox: list[Delivery] = []  # reclaimed by the heartbeat, not yet prepared
@@ -137,6 +143,7 @@ class Worker:
             log.exception("worker could not load its models")
             raise
         tasks = self.runner.tasks
+        await self._warm_up()
         self.ready = True
         log.info("worker ready", extra={"worker_id": self.worker_id, "tasks": tasks,
                                         "backend": self.runner.backend, "device": self.settings.device})
@@ -164,6 +171,46 @@ class Worker:
             if self._codec_pool is not None:
                 self._codec_pool.shutdown(wait=False)
                 self._codec_pool = None
+
+    def _warmup_plan(self) -> dict[str, list[tuple[int, int]]]:
+        """Work sizes (H, W) to warm up, per task (see FLOWIE_WARMUP)."""
+        assert self.runner is not None
+        setting = self.settings.warmup
+        if setting == "off" or (setting == "auto" and not self.settings.device.startswith("cuda")):
+            return {}
+        if setting == "auto":
+            sides = {task: self.runner.default_min_side(task) for task in self.runner.tasks}
+            return {task: [(side, side)] for task, side in sides.items() if side >= MIN_WARMUP_SIDE}
+        return {task: warmup_sizes(setting) for task in self.runner.tasks}
+
+    async def _warm_up(self) -> None:
+        """Run every warm-up size once at each batch size up to max_batch, before reporting ready."""
+        assert self.runner is not None
+        plan = self._warmup_plan()
+        runs = sum(len(sizes) for sizes in plan.values()) * self.max_batch
+        if not runs:
+            return
+        log.info("warming up: %d batches", runs, extra={"worker_id": self.worker_id})
+        started, done = time.perf_counter(), 0
+        params = EnhanceParams(upscale=1.0, min_side=0)  # the image's own size is the work size
+        for task, sizes in plan.items():
+            for height, width in sizes:
+                blank = np.full((height, width, 3), 128, dtype=np.uint8)
+                for n in range(1, self.max_batch + 1):
+                    if self._stopping:
+                        return
+                    done += 1
+                    self.warming = f"{task} {height}x{width}, batch {n} of {self.max_batch} ({done}/{runs})"
+                    t0 = time.perf_counter()
+                    try:
+                        await asyncio.to_thread(self.runner.enhance, task, [blank] * n, params, list(range(n)))
+                    except Exception as exc:  # noqa: BLE001 - requests of this size will say more
+                        log.warning("warm-up of %s %dx%d failed at batch %d (%s: %s); skipping that size",
+                                    task, height, width, n, type(exc).__name__, exc)
+                        break
+                    log.info("warm-up %s", self.warming, extra={"seconds": round(time.perf_counter() - t0, 3)})
+        self.warming = None
+        log.info("warm-up done in %.1f s", time.perf_counter() - started, extra={"worker_id": self.worker_id})
 
     async def _hand_back(self) -> None:
         unstarted = [p.delivery for p in self._buffer] + self._inbox

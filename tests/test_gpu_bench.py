@@ -190,6 +190,10 @@ def test_tiny_run_measures_the_service_path_on_the_engines(tiny_run):
             assert row["status"] == "done" and row["batch_ms"] > 0 and row["reps"] >= 1
             assert row["img_per_s"] == pytest.approx(int(b) / (row["batch_ms"] / 1000))
             assert row["stages_ms"]["flow_unet"] > 0 and row["stages_ms"]["vae_decoder"] > 0
+            assert row["encode_png_batch_ms"] > 0
+            assert row["img_per_s_with_encode"] == pytest.approx(
+                int(b) / ((row["batch_ms"] + row["encode_png_batch_ms"]) / 1000))
+            assert len(row["first_calls_ms"]) == 2 and min(row["first_calls_ms"]) > 0
     # mean-value makes 4 evaluations, one-step 1: the flow takes longer in the BFR run
     assert service["workloads"]["bfr"]["1"]["stages_ms"]["flow_unet"] > service["workloads"]["bsr"]["1"]["stages_ms"]["flow_unet"]
     assert "service path (Pipeline.enhance on float32 engines" in (out / "gpu_bench_table.txt").read_text()

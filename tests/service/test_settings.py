@@ -13,6 +13,7 @@ from service.settings import (
     add_settings_arguments,
     load_settings,
     settings_from_args,
+    warmup_sizes,
 )
 
 
@@ -101,3 +102,14 @@ def test_api_keys_do_not_show_in_repr():
 def test_heartbeat_must_fit_twice_in_the_visibility_timeout():
     with pytest.raises(SettingsError, match="FLOWIE_HEARTBEAT_S"):
         load_settings(heartbeat_s=5, visibility_timeout_s=6)
+
+
+def test_warmup_is_auto_off_or_a_list_of_sizes(monkeypatch):
+    assert load_settings().warmup == "auto"
+    assert load_settings(warmup="OFF").warmup == "off"
+    monkeypatch.setenv("FLOWIE_WARMUP", "512x512, 768x512")
+    assert warmup_sizes(load_settings().warmup) == [(512, 512), (768, 512)]
+    for bad, why in (("512", "is not HxW"), ("512x", "is not HxW"), ("32x512", "smaller than 64"),
+                     ("512x512,big", "is not HxW")):
+        with pytest.raises(SettingsError, match=f"FLOWIE_WARMUP.*{why}"):
+            load_settings(warmup=bad)

@@ -554,3 +554,76 @@ def test_on_a_full_redis_the_worker_keeps_its_result_and_stores_it_once_there_is
     assert state == "running" and not stopped and crashed is None  # waiting for room, not dead
     assert result is not None and result.state == "done"
     assert job_outcomes(metrics) == {"done": 1.0} and len(runner.batches) == 1
+
+
+async def one_job_through(worker: Worker, queue: MemoryJobQueue, job: Job):
+    """Start the worker (its warm-up first), submit ``job``, wait for its result, stop the worker."""
+    task = asyncio.create_task(worker.run())
+    await queue.submit(job, wait=False)
+    result = await queue.wait(job.id, 120)
+    worker.request_stop()
+    await task
+    return result
+
+
+def test_the_worker_warms_up_every_batch_size_before_it_reports_ready(tiny_runner, make_settings):
+    settings = make_settings(max_batch=2, max_wait_ms=0.0, warmup="128x128,192x128")
+    queue = MemoryJobQueue(16, 60)
+    seen: list[tuple[bool, str | None]] = []
+    worker = Worker(queue, lambda: runner, settings, Metrics())
+    runner = Recording(tiny_runner, on_batch=lambda: seen.append((worker.ready, worker.warming)))
+    job = make_job(90, 90)
+
+    result = asyncio.run(one_job_through(worker, queue, job))
+    assert result.state == "done"
+    # each size at batch 1 and 2, blank images at their own size; then the job (padded to 128 x 128 there)
+    assert [shapes for _, shapes, _ in runner.batches] == [
+        [(128, 128)], [(128, 128)] * 2, [(192, 128)], [(192, 128)] * 2, [(90, 90)]]
+    assert [ready for ready, _ in seen] == [False] * 4 + [True]
+    assert seen[1][1] == "bfr 128x128, batch 2 of 2 (2/4)" and seen[4][1] is None
+
+
+def test_a_warm_up_size_that_fails_is_skipped_and_the_worker_serves(tiny_runner, make_settings, caplog):
+    settings = make_settings(max_batch=3, max_wait_ms=0.0, warmup="128x128")
+    queue = MemoryJobQueue(16, 60)
+    worker = Worker(queue, lambda: runner, settings, Metrics())
+
+    def fail_at_batch_two():
+        if len(runner.batches) == 2 and not worker.ready:
+            raise RuntimeError("out of memory (as a too-large batch would be)")
+
+    runner = Recording(tiny_runner, on_batch=fail_at_batch_two)
+    job = make_job(90, 90)
+
+    with caplog.at_level("WARNING", logger="flowie.service.worker"):
+        result = asyncio.run(one_job_through(worker, queue, job))
+    assert result.state == "done" and worker.crashed is None
+    assert [len(shapes) for _, shapes, _ in runner.batches] == [1, 2, 1]  # batch 3 of the failed size skipped
+    assert "warm-up of bfr 128x128 failed at batch 2" in caplog.text
+
+
+def test_readyz_says_the_worker_is_warming_up(tiny_runner, make_settings):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app, load_models
+
+    settings = make_settings(max_batch=1, warmup="128x128")
+    queue, metrics = MemoryJobQueue(16, 60), Metrics()
+    release = threading.Event()
+    runner = Recording(tiny_runner, on_batch=lambda: release.wait(60))  # the warm-up batch waits for the test
+    worker = Worker(queue, lambda: runner, settings, metrics)
+    app = create_app(settings, queue, load_models(settings), worker=worker, metrics=metrics)
+    with TestClient(app) as http:
+        try:
+            while not runner.batches:
+                time.sleep(0.01)
+            warming = http.get("/readyz")
+        finally:
+            release.set()
+        deadline = time.monotonic() + 60
+        while http.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ready = http.get("/readyz")
+    assert warming.status_code == 503 and warming.headers["content-type"] == "application/problem+json"
+    assert "warming up: bfr 128x128, batch 1 of 1 (1/1)" in warming.json()["detail"]
+    assert ready.status_code == 200
