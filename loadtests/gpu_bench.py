@@ -1137,7 +1137,7 @@ class Bench:
         from flowie.params import EnhanceParams
         from flowie.pipeline import Pipeline
         from flowie.stages import STAGES as SPECS
-        from service.imaging import DEFAULT_PNG_COMPRESS_LEVEL, encode_image
+        from service.imaging import DEFAULT_PNG_COMPRESS_LEVEL, default_codec_threads, encode_image
 
         a = self.args
         mods = self.modules_for(dtype, False)
@@ -1151,8 +1151,8 @@ class Bench:
                      "bsr": EnhanceParams(sampler="one_step", **common)}
         gen = torch.Generator(device="cpu").manual_seed(a.seed + 3)
         image = (torch.rand(a.size, a.size, 3, generator=gen) * 255).round().to(torch.uint8).numpy()
-        codec = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
-        rec["codec_threads"] = codec._max_workers
+        rec["codec_threads"] = default_codec_threads()
+        codec = ThreadPoolExecutor(max_workers=rec["codec_threads"])
         rec["png_compress_level"] = DEFAULT_PNG_COMPRESS_LEVEL
         try:
             for workload, params in workloads.items():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -198,6 +199,11 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return np.ascontiguousarray(np.asarray(Image.alpha_composite(white, rgba).convert("RGB")))
     return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
+
+
+def default_codec_threads() -> int:
+    """Threads a worker encodes and decodes a batch's images with unless FLOWIE_CODEC_THREADS says."""
+    return min(8, os.cpu_count() or 1)
 
 
 def encode_image(rgb: np.ndarray, fmt: str, quality: int | None = None,

@@ -52,6 +52,7 @@ from service.imaging import (
     OUTPUT_FORMATS,
     ImageError,
     decode_image,
+    default_codec_threads,
     encode_image,
     pixels_to_decode,
 )
@@ -333,7 +334,7 @@ class Worker:
         """Threads that encode a batch's answers and decode a batch's uploads in parallel (the image
         codecs release the GIL), made on first use."""
         if self._codec_pool is None:
-            threads = self.settings.codec_threads or min(8, os.cpu_count() or 1)
+            threads = self.settings.codec_threads or default_codec_threads()
             self._codec_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="flowie-codec")
         return self._codec_pool
 
@@ -420,7 +421,7 @@ class Worker:
                                          "job_ids": job_ids})
         t0 = time.perf_counter()
         try:
-            outputs = await asyncio.to_thread(self._compute, task, batch)
+            outputs, encode_s = await asyncio.to_thread(self._compute, task, batch)
         except Exception as exc:  # noqa: BLE001 - a model failure must not stop the worker
             if batch[0].job_id in await self._answer(alongside):
                 await self._finish_cancelled(batch[0].delivery)
@@ -441,10 +442,10 @@ class Worker:
         finished_meanwhile = await self._answer(alongside)
         self.metrics.batch_size.labels(task=task).observe(len(batch))
         timings = dict(getattr(outputs[0][1], "timings", {}) or {})
-        timings["encode"] = outputs[0][2]
+        timings["encode"] = encode_s
         for stage, seconds in timings.items():
             self.metrics.stage_duration.labels(stage=stage, backend=self.runner.backend).observe(float(seconds))
-        for p, (encoded, output, _) in zip(batch, outputs, strict=True):
+        for p, (encoded, output) in zip(batch, outputs, strict=True):
             job = p.delivery.job
             if p.job_id in finished_meanwhile:  # cancelled as compute began: drop the output
                 await self._finish_cancelled(p.delivery)
@@ -470,9 +471,9 @@ class Worker:
         for kind, value in self.runner.memory_bytes().items():
             self.metrics.gpu_memory.labels(device=self.settings.device, kind=kind).set(value)
 
-    def _compute(self, task: str, batch: list[_Prepared]) -> list[tuple[bytes, Any, float]]:
+    def _compute(self, task: str, batch: list[_Prepared]) -> tuple[list[tuple[bytes, Any]], float]:
         """Thread: run the batch and encode each output in its job's format (in parallel on the codec
-        threads when there are several); (bytes, output, the batch's encoding seconds) per job."""
+        threads when there are several): ([(bytes, output) per job], seconds the encoding took)."""
         assert self.runner is not None
         params = dataclasses.replace(batch[0].params, seed=None)
         seeds = [int(p.params.seed) for p in batch]  # type: ignore[arg-type]
@@ -488,7 +489,7 @@ class Worker:
         pairs = list(zip(batch, outputs, strict=True))
         encoded = list(self._codec.map(encode, pairs)) if len(pairs) > 1 else [encode(pairs[0])]
         seconds = time.perf_counter() - started
-        return [(data, out, seconds) for data, (_, out) in zip(encoded, pairs, strict=True)]
+        return [(data, out) for data, (_, out) in zip(encoded, pairs, strict=True)], seconds
 
     async def _finish(self, delivery: Delivery, result: JobResult, *, outcome: str) -> None:
         """Store the result and acknowledge; while the queue is down keep trying until the deadline
