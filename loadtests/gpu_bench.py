@@ -17,7 +17,8 @@ values -- and measures at 512x512 (latent 64x64), per stage and end to end, for 
 - workloads: BFR mean-value (4 evaluations + wavelet colour fix), BSR one-step (1 evaluation),
   SwinIR only, DiffBIR-style 50 Euler evaluations (measured at batch 1, derived elsewhere);
 - the service path: ``Pipeline.enhance`` on the service's engines (per-stage CUDA graphs,
-  uint8 in and out) at the smallest and largest batch, against the modes above;
+  uint8 in and out) at the smallest and largest batch, against the modes above, and the real
+  worker on that pipeline with its answers encoded before or while the next batch computes;
 - the compute floor: FLOPs counted with ``torch.utils.flop_counter`` per stage at batch 1, the
   card's measured dense matmul rates and copy bandwidth, and the achieved fraction per mode;
 - a numeric check of every fast mode against fp32 eager on the same inputs, weights and noise
@@ -56,6 +57,7 @@ import traceback  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a plain checkout: the project is not installed there
@@ -1195,12 +1197,53 @@ class Bench:
                     log(f"service {workload} b={b}: {batch_ms:.1f} ms/batch, {b / (batch_ms / 1000):.2f} img/s; "
                         f"PNG answers {encode_ms:.1f} ms more")
                     self.save()
+            try:
+                rec["worker"] = self._worker_overlap(pipe, workloads["bfr"], image)
+            except Exception as exc:  # noqa: BLE001 - the rows above keep their numbers
+                rec["worker"] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:2000],
+                                 "traceback": traceback.format_exc()[-4000:]}
+                log(f"ERROR in the service section's worker run: {rec['worker']['error'][:300]}")
         finally:
             codec.shutdown()
             del pipe, stages
             if self.cuda:
                 torch.cuda.empty_cache()
         self.data["service"] = rec
+
+    def _worker_overlap(self, pipe: Any, params: Any, image: Any) -> dict:
+        """The real worker on the real in-memory queue computing with ``pipe``: images/s of a backlog of
+        BFR jobs (6 batches) with its answers encoded before the next batch (FLOWIE_ENCODE_OVERLAP=off)
+        and while it computes (on, the default on CUDA), at batch 1 and the largest; the settings
+        alternate, twice each. PNG answers at the service's level on its default codec threads."""
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("worker_bench", Path(__file__).with_name("worker_bench.py"))
+        wb = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = wb  # its dataclasses look their module up there
+        try:
+            spec.loader.exec_module(wb)  # type: ignore[union-attr]
+        except ImportError as exc:  # pydantic is not on the GPU machine unless its wheels travel
+            reason = f"the worker needs {exc.name or exc}: carry its wheels (loadtests/README.md)"
+            log(f"service worker: skipped ({reason})")
+            return {"status": "skipped", "reason": reason}
+        from service.imaging import encode_image
+
+        runner, png = wb.OnePipelineRunner(pipe), encode_image(image, "png")
+        out: dict[str, Any] = {}
+        for b in sorted({min(self.args.batch_sizes), max(self.args.batch_sizes)}):
+            if self.remaining() < 30:
+                out[str(b)] = {"status": "skipped", "reason": "budget"}
+                continue
+            args = argparse.Namespace(jobs=6 * b, batch=b, codec_threads=0)
+            runs = [wb.run_once(runner, overlap, args, image, png, params) for overlap in (False, True, False, True)]
+            speed = {name: median([r["images_per_s"] for r in runs if r["encode_overlap"] is flag])
+                     for name, flag in (("off", False), ("on", True))}
+            out[str(b)] = {"status": "done", "jobs": args.jobs, "img_per_s": speed,
+                           "ratio_on_off": speed["on"] / speed["off"], "runs": runs}
+            log(f"service worker b={b}: {speed['off']:.2f} img/s with the answers encoded before the next batch, "
+                f"{speed['on']:.2f} while it computes ({speed['on'] / speed['off']:.2f}x)")
+            self.save()
+        return out
 
     # -------------------------------------------------------------- choices between sections
 
@@ -1487,6 +1530,11 @@ class Bench:
                 f"{wl.upper()} b{b} {e['batch_ms']:.1f} ms = {e['img_per_s']:.2f} img/s "
                 f"(+PNG {e['encode_png_batch_ms']:.1f} ms: {e['img_per_s_with_encode']:.2f})"
                 for wl, rows in service["workloads"].items() for b, e in rows.items() if e.get("status") == "done"))
+            done = {b: e for b, e in service.get("worker", {}).items() if isinstance(e, dict) and e.get("status") == "done"}
+            if done:
+                lines.append("worker, BFR backlog, img/s with answers encoded before / while the next batch computes: "
+                             + "; ".join(f"b{b} {e['img_per_s']['off']:.2f} / {e['img_per_s']['on']:.2f} "
+                                         f"({e['ratio_on_off']:.2f}x)" for b, e in done.items()))
         skipped = [f"{s['name']} ({s['reason']})" for s in self.data["sections"] if s["status"] == "skipped"]
         errors = [f"{s['name']}: {s.get('error', '')[:120]}" for s in self.data["sections"] if s["status"] == "error"]
         partial = [f"{s['name']} ({'; '.join(s.get('entry_errors', [])[:2]) or 'budget'})"

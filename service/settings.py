@@ -159,6 +159,13 @@ class Settings(BaseSettings):
         description="threads a worker encodes a batch's answers and decodes a batch's uploads with (the image "
         "codecs release the GIL; a 512x512 PNG takes tens of ms); 0 = min(8, CPU cores)",
     )
+    encode_overlap: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="encode and store a batch's answers on the codec threads while the next batch computes (one "
+        "batch behind at most) instead of before it: auto = on with CUDA, where the PNG encoding would otherwise "
+        "add its CPU time to every batch (1.25-1.33x images/s with the H200's batch times; docs/PERF.md), off on "
+        "the CPU, where it is a few per cent of compute and would compete with it for the cores",
+    )
     png_compress_level: int = Field(
         1, ge=0, le=9,
         description="zlib level of PNG answers (lossless at every level); 1 encodes a 512x512 photo 3x faster "

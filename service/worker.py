@@ -21,6 +21,15 @@ round trip between a lone request and its compute. Inference runs in a thread, s
 keeps heartbeating while a batch computes; a failing batch is retried one job at a time so one
 bad job cannot fail its neighbours.
 
+Compute runs on one thread of its own (torch's CPU thread team and CUDA's current device and stream
+belong to the calling thread). Answers (``FLOWIE_ENCODE_OVERLAP``, auto = on with CUDA): once the
+pipeline is done with a batch, the compute thread hands its outputs to the codec threads and takes
+the next batch while a task stores the answers; at most one batch's answers are in flight, so the
+next batch's are stored only after them. On a GPU the encoding (a 512 x 512 PNG takes tens of ms of
+CPU) would otherwise add its time to every batch. On the CPU the compute thread encodes the answers
+itself before the next batch: there the encoding is a few per cent of compute and would compete with
+it for the cores, and a lone answer saves the hand-over to another thread.
+
 Warm-up (``FLOWIE_WARMUP``): before it reports ready, the worker runs each warm-up work size once
 at every batch size up to ``max_batch`` on a blank image, so that the first requests of that size do
 not pay what a new input shape costs on a GPU (CUDA-graph capture, the cuDNN algorithm search,
@@ -33,6 +42,7 @@ but not started are handed back to the queue for other workers.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 import os
@@ -40,7 +50,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,6 +122,8 @@ class Worker:
         self._buffer: list[_Prepared] = []
         self._inbox: list[Delivery] = []  # reclaimed by the heartbeat, not yet prepared
         self._computing: list[_Prepared] = []
+        self._delivering: list[_Prepared] = []  # computed; answers being encoded and stored
+        self._delivery: asyncio.Task[None] | None = None  # the task storing them (one at a time)
         self._seconds_per_job: dict[str, float] = {}
         self._busy = False  # the last step computed a batch (jobs found queued after it are a backlog)
         self.batches_done = 0
@@ -119,6 +131,7 @@ class Worker:
         self.windows_waited = 0
         self.started_at_once = 0
         self._codec_pool: ThreadPoolExecutor | None = None
+        self._compute_pool: ThreadPoolExecutor | None = None  # the one compute thread (see _on_compute_thread)
 
     @property
     def max_batch(self) -> int:
@@ -138,10 +151,13 @@ class Worker:
     # --- main loop ------------------------------------------------------------------------
     async def run(self) -> None:
         try:
-            self.runner = await asyncio.to_thread(self.runner_factory)
+            self.runner = await self._on_compute_thread(self.runner_factory)  # all torch work on one thread
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("worker could not load its models")
+            if self._compute_pool is not None:
+                self._compute_pool.shutdown(wait=False)
+                self._compute_pool = None
             raise
         tasks = self.runner.tasks
         await self._warm_up()
@@ -166,12 +182,14 @@ class Worker:
             raise
         finally:
             self.ready = False
+            await self._settle_delivery(leaving=True)  # the last batch's answers are stored before leaving
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
             await self._hand_back()
-            if self._codec_pool is not None:
-                self._codec_pool.shutdown(wait=False)
-                self._codec_pool = None
+            for pool in (self._codec_pool, self._compute_pool):
+                if pool is not None:
+                    pool.shutdown(wait=False)
+            self._codec_pool = self._compute_pool = None
 
     def _warmup_plan(self) -> dict[str, list[tuple[int, int]]]:
         """Work sizes (H, W) to warm up, per task (see FLOWIE_WARMUP)."""
@@ -204,7 +222,8 @@ class Worker:
                     self.warming = f"{task} {height}x{width}, batch {n} of {self.max_batch} ({done}/{runs})"
                     t0 = time.perf_counter()
                     try:
-                        await asyncio.to_thread(self.runner.enhance, task, [blank] * n, params, list(range(n)))
+                        await self._on_compute_thread(self.runner.enhance, task, [blank] * n, params,
+                                                      list(range(n)))
                     except Exception as exc:  # noqa: BLE001 - requests of this size will say more
                         log.warning("warm-up of %s %dx%d failed at batch %d (%s: %s); skipping that size",
                                     task, height, width, n, type(exc).__name__, exc)
@@ -226,6 +245,8 @@ class Worker:
                         "the visibility timeout", len(unstarted))
 
     async def _step(self, tasks: list[str]) -> None:
+        if self._delivery is not None and self._delivery.done():
+            await self._settle_delivery()  # an error of the answers' task surfaces in the loop
         backlog = bool(self._buffer)  # jobs left from earlier reads: work is queued
         if self._inbox:
             inbox, self._inbox = self._inbox, []
@@ -409,19 +430,30 @@ class Worker:
             return set()
 
     async def _run_batch(self, batch: list[_Prepared], alongside: asyncio.Future[set[str]] | None = None) -> None:
-        """Compute ``batch`` and store its results. ``alongside``: the check before compute of a
-        lone job, sent but not awaited; its answer decides what happens to the output."""
+        """Compute ``batch`` and store its answers. Overlapping (``encode_overlap``), the compute thread
+        hands the answers to the codec threads and is free for the next batch at once, while a task of
+        its own stores them; else the compute thread encodes them and they are stored before this
+        returns. ``alongside``: the check before compute of a lone job, sent but not awaited; its
+        answer decides what happens to the output."""
         assert self.runner is not None
         task = batch[0].delivery.job.task
         job_ids = [p.job_id for p in batch]
+        overlap = self._overlap
         started = time.time()
         for p in batch:
             self.metrics.queue_wait.labels(task=task).observe(max(0.0, started - p.delivery.job.created_at))
         log.info("batch started", extra={"worker_id": self.worker_id, "task": task, "batch_size": len(batch),
                                          "job_ids": job_ids})
         t0 = time.perf_counter()
+        answers: asyncio.Future[tuple[list[bytes | Exception], float]]
         try:
-            outputs, encode_s = await asyncio.to_thread(self._compute, task, batch)
+            if overlap:
+                outputs, handed, handed_at = await self._on_compute_thread(self._compute_and_hand_off, task, batch)
+                answers = asyncio.ensure_future(self._gather_answers(handed, handed_at))
+            else:
+                outputs, encoded, encode_s = await self._on_compute_thread(self._compute_and_encode, task, batch)
+                answers = asyncio.get_running_loop().create_future()
+                answers.set_result((encoded, encode_s))
         except Exception as exc:  # noqa: BLE001 - a model failure must not stop the worker
             if batch[0].job_id in await self._answer(alongside):
                 await self._finish_cancelled(batch[0].delivery)
@@ -438,58 +470,139 @@ class Worker:
                 f"inference failed ({type(exc).__name__}); the request id identifies the log entry"),
                 outcome="failed")
             return
-        compute_s = time.perf_counter() - t0
-        finished_meanwhile = await self._answer(alongside)
-        self.metrics.batch_size.labels(task=task).observe(len(batch))
-        timings = dict(getattr(outputs[0][1], "timings", {}) or {})
-        timings["encode"] = encode_s
-        for stage, seconds in timings.items():
-            self.metrics.stage_duration.labels(stage=stage, backend=self.runner.backend).observe(float(seconds))
-        for p, (encoded, output) in zip(batch, outputs, strict=True):
-            job = p.delivery.job
-            if p.job_id in finished_meanwhile:  # cancelled as compute began: drop the output
-                await self._finish_cancelled(p.delivery)
-                continue
-            height, width = output.image.shape[:2]
-            result = JobResult(
-                id=job.id, state="done", image=encoded, media_type=OUTPUT_FORMATS[job.output_format],
-                format=job.output_format, width=int(width), height=int(height), seed=int(output.seed),
-                timings={k: float(v) for k, v in timings.items()}, queue_s=max(0.0, started - job.created_at),
-                compute_s=compute_s, batch_size=len(batch), finished_at=time.time(),
-                pickup_s=max(0.0, p.delivery.picked_at - job.created_at))
-            await self._finish(p.delivery, result, outcome="done")
-        self.batches_done += 1
-        log.info("batch done", extra={"worker_id": self.worker_id, "task": task, "batch_size": len(batch),
-                                      "compute_s": round(compute_s, 4)})
-        per_job = compute_s / len(batch)
+        # Seconds a job holds this worker, for the queue's estimates: the encoding only when it does
+        # not overlap the next batch.
+        per_job = (time.perf_counter() - t0) / len(batch)
         old = self._seconds_per_job.get(task)
         self._seconds_per_job[task] = per_job if old is None else (1 - _EWMA) * old + _EWMA * per_job
-        try:
-            await self.queue.record_seconds_per_job(task, self._seconds_per_job[task])
-        except QueueUnavailableError:
-            pass
-        for kind, value in self.runner.memory_bytes().items():
-            self.metrics.gpu_memory.labels(device=self.settings.device, kind=kind).set(value)
+        self.metrics.batch_size.labels(task=task).observe(len(batch))
+        if not overlap:
+            await self._deliver(task, batch, outputs, answers, started, t0, alongside)
+            return
+        await self._settle_delivery()  # the previous batch's answers are stored first: one batch behind at most
+        self._delivering = batch
+        self._delivery = asyncio.create_task(self._deliver(task, batch, outputs, answers, started, t0, alongside),
+                                             name="flowie-worker-answers")
 
-    def _compute(self, task: str, batch: list[_Prepared]) -> tuple[list[tuple[bytes, Any]], float]:
-        """Thread: run the batch and encode each output in its job's format (in parallel on the codec
-        threads when there are several): ([(bytes, output) per job], seconds the encoding took)."""
+    @property
+    def _overlap(self) -> bool:
+        """Whether answers are encoded while the next batch computes (see FLOWIE_ENCODE_OVERLAP)."""
+        setting = self.settings.encode_overlap
+        return setting == "on" or (setting == "auto" and self.settings.device.startswith("cuda"))
+
+    async def _on_compute_thread(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Run ``function`` on the worker's one compute thread (with the caller's log context).
+
+        One thread, always the same: torch's CPU thread team (OpenMP) belongs to the thread that
+        calls it, and teams of several calling threads spin against each other for the cores (a
+        measured 1.8x slowdown on 2 cores); CUDA's current device and stream are per thread too."""
+        if self._compute_pool is None:
+            self._compute_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowie-compute")
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self._compute_pool, context.run, function, *args)
+
+    async def _gather_answers(self, handed: list[Future[bytes | Exception]],
+                              handed_at: float) -> tuple[list[bytes | Exception], float]:
+        """The answers the codec threads are encoding, and the seconds since they were handed over."""
+        answers = list(await asyncio.gather(*(asyncio.wrap_future(f) for f in handed)))
+        return answers, time.perf_counter() - handed_at
+
+    async def _deliver(self, task: str, batch: list[_Prepared], outputs: list[Any],
+                       answers_to_come: asyncio.Future[tuple[list[bytes | Exception], float]],
+                       started: float, t0: float, alongside: asyncio.Future[set[str]] | None) -> None:
+        """Wait for the batch's encoded answers and store them; a job whose answer could not be
+        encoded fails alone."""
+        assert self.runner is not None
+        try:
+            answers, encode_s = await answers_to_come
+            compute_s = time.perf_counter() - t0  # the job's pipeline and its answer's encoding
+            finished_meanwhile = await self._answer(alongside)
+            timings = dict(getattr(outputs[0], "timings", {}) or {})
+            timings["encode"] = encode_s
+            for stage, seconds in timings.items():
+                self.metrics.stage_duration.labels(stage=stage, backend=self.runner.backend).observe(float(seconds))
+            for p, answer, output in zip(batch, answers, outputs, strict=True):
+                job = p.delivery.job
+                if p.job_id in finished_meanwhile:  # cancelled as compute began: drop the output
+                    await self._finish_cancelled(p.delivery)
+                    continue
+                if isinstance(answer, Exception):
+                    log.error("answer could not be encoded", exc_info=answer,
+                              extra={"job_id": job.id, "request_id": job.request_id})
+                    await self._finish(p.delivery, JobResult.failure(
+                        job.id, "failed", 500, "job-failed", "Job failed",
+                        f"the answer could not be encoded ({type(answer).__name__}); the request id identifies "
+                        "the log entry"), outcome="failed")
+                    continue
+                height, width = output.image.shape[:2]
+                result = JobResult(
+                    id=job.id, state="done", image=answer, media_type=OUTPUT_FORMATS[job.output_format],
+                    format=job.output_format, width=int(width), height=int(height), seed=int(output.seed),
+                    timings={k: float(v) for k, v in timings.items()}, queue_s=max(0.0, started - job.created_at),
+                    compute_s=compute_s, batch_size=len(batch), finished_at=time.time(),
+                    pickup_s=max(0.0, p.delivery.picked_at - job.created_at))
+                await self._finish(p.delivery, result, outcome="done")
+            self.batches_done += 1
+            log.info("batch done", extra={"worker_id": self.worker_id, "task": task, "batch_size": len(batch),
+                                          "compute_s": round(compute_s, 4)})
+            try:
+                await self.queue.record_seconds_per_job(task, self._seconds_per_job[task])
+            except QueueUnavailableError:
+                pass
+            for kind, value in self.runner.memory_bytes().items():
+                self.metrics.gpu_memory.labels(device=self.settings.device, kind=kind).set(value)
+        finally:
+            self._delivering = []
+
+    async def _settle_delivery(self, *, leaving: bool = False) -> None:
+        """Wait until the answers in flight are stored. Their task's error is raised (a bug: the loop
+        stops), except when ``leaving``, where it is logged and the worker goes on shutting down."""
+        delivery, self._delivery = self._delivery, None
+        if delivery is None:
+            return
+        if not leaving:
+            await delivery
+            return
+        (outcome,) = await asyncio.gather(delivery, return_exceptions=True)
+        if isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
+            log.error("storing the last batch's answers failed", exc_info=outcome,
+                      extra={"worker_id": self.worker_id})
+
+    def _encode(self, prepared: _Prepared, output: Any) -> bytes | Exception:
+        """One job's answer in its format, or the error that stopped it (that job fails alone)."""
+        job = prepared.delivery.job
+        try:
+            return encode_image(output.image, job.output_format, job.quality, self.settings.png_compress_level)
+        except Exception as exc:  # noqa: BLE001 - reported per job by _deliver
+            return exc
+
+    def _compute(self, task: str, batch: list[_Prepared]) -> list[Any]:
+        """Compute thread: run the pipeline on the batch."""
         assert self.runner is not None
         params = dataclasses.replace(batch[0].params, seed=None)
         seeds = [int(p.params.seed) for p in batch]  # type: ignore[arg-type]
         outputs = self.runner.enhance(task, [p.pixels for p in batch], params, seeds)
         if len(outputs) != len(batch):
             raise RuntimeError(f"pipeline returned {len(outputs)} results for {len(batch)} images")
+        return outputs
+
+    def _compute_and_encode(self, task: str, batch: list[_Prepared]) -> tuple[list[Any], list[bytes | Exception], float]:
+        """Compute thread: run the batch, then encode each output in its job's format (on the codec
+        threads when there are several): (outputs, answers, seconds the encoding took)."""
+        outputs = self._compute(task, batch)
         started = time.perf_counter()
+        if len(batch) > 1:
+            answers = list(self._codec.map(self._encode, batch, outputs))
+        else:
+            answers = [self._encode(batch[0], outputs[0])]
+        return outputs, answers, time.perf_counter() - started
 
-        def encode(item: tuple[_Prepared, Any]) -> bytes:
-            job = item[0].delivery.job
-            return encode_image(item[1].image, job.output_format, job.quality, self.settings.png_compress_level)
-
-        pairs = list(zip(batch, outputs, strict=True))
-        encoded = list(self._codec.map(encode, pairs)) if len(pairs) > 1 else [encode(pairs[0])]
-        seconds = time.perf_counter() - started
-        return [(data, out) for data, (_, out) in zip(encoded, pairs, strict=True)], seconds
+    def _compute_and_hand_off(self, task: str, batch: list[_Prepared]) -> tuple[list[Any], list[Future[bytes | Exception]], float]:
+        """Compute thread: run the batch and hand each output to the codec threads to encode, without
+        waiting for them: (outputs, their answers to come, when they were handed over)."""
+        outputs = self._compute(task, batch)
+        handed_at = time.perf_counter()
+        return outputs, [self._codec.submit(self._encode, p, out) for p, out in zip(batch, outputs, strict=True)], handed_at
 
     async def _finish(self, delivery: Delivery, result: JobResult, *, outcome: str) -> None:
         """Store the result and acknowledge; while the queue is down keep trying until the deadline
@@ -513,7 +626,7 @@ class Worker:
 
     # --- heartbeat ------------------------------------------------------------------------
     def held(self) -> list[Delivery]:
-        return [p.delivery for p in (*self._buffer, *self._computing)] + list(self._inbox)
+        return [p.delivery for p in (*self._buffer, *self._computing, *self._delivering)] + list(self._inbox)
 
     async def _heartbeat_loop(self, tasks: list[str]) -> None:
         interval = self.settings.heartbeat_s

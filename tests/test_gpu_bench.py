@@ -197,3 +197,12 @@ def test_tiny_run_measures_the_service_path_on_the_engines(tiny_run):
     # mean-value makes 4 evaluations, one-step 1: the flow takes longer in the BFR run
     assert service["workloads"]["bfr"]["1"]["stages_ms"]["flow_unet"] > service["workloads"]["bsr"]["1"]["stages_ms"]["flow_unet"]
     assert "service path (Pipeline.enhance on float32 engines" in (out / "gpu_bench_table.txt").read_text()
+    # The real worker on that pipeline, answers encoded before / while the next batch computes.
+    worker = service["worker"]
+    assert set(worker) == {"1", "2"}
+    for b, row in worker.items():
+        assert row["status"] == "done" and row["jobs"] == 6 * int(b)
+        assert [r["encode_overlap"] for r in row["runs"]] == [False, True, False, True]
+        assert all(r["batches"] == 6 and r["median_encode_ms_per_batch"] > 0 for r in row["runs"])
+        assert row["ratio_on_off"] == pytest.approx(row["img_per_s"]["on"] / row["img_per_s"]["off"])
+    assert "img/s with answers encoded before / while" in (out / "gpu_bench_table.txt").read_text()

@@ -1,0 +1,163 @@
+"""The worker's answers: encoded and stored while the next batch computes (FLOWIE_ENCODE_OVERLAP),
+one batch behind at most, kept alive by heartbeats meanwhile, stored before the worker leaves, and
+a job whose answer cannot be encoded fails alone."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from test_worker_batching import Recording, make_job
+
+import service.worker as worker_module
+from service.imaging import encode_image
+from service.metrics import Metrics
+from service.queue.memory import MemoryJobQueue
+from service.worker import Worker
+
+# Long enough for a batch of the tiny model on a loaded CI core; a passing test never waits it out.
+COMPUTE_S = 60.0
+
+
+def two_batches():
+    """Two jobs that cannot share a batch (different samplers)."""
+    return make_job(90, 90, sampler="restore_only"), make_job(90, 90, sampler="euler", steps=2)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_the_next_batch_computes_while_the_previous_answers_are_encoded(tiny_runner, make_settings,
+                                                                         monkeypatch, overlap):
+    first, second = two_batches()
+    second_started = threading.Event()
+    seen: dict[str, object] = {}
+    holder: dict[str, Worker] = {}
+
+    def encode_spy(image, fmt, quality, level):
+        if not seen:  # the first answer: wait (a while) for the second batch to start computing
+            seen["second started while encoding"] = second_started.wait(COMPUTE_S if overlap else 0.5)
+            seen["held"] = {d.job.id for d in holder["worker"].held()}  # overlapped: the next batch computes
+        return encode_image(image, fmt, quality, level)
+
+    monkeypatch.setattr(worker_module, "encode_image", encode_spy)
+    settings = make_settings(max_batch=1, max_wait_ms=0.0, encode_overlap="on" if overlap else "off")
+    queue = MemoryJobQueue(16, 60)
+    compute_threads: list[str] = []
+
+    def on_batch():
+        compute_threads.append(threading.current_thread().name)
+        if len(runner.batches) == 2:
+            second_started.set()
+
+    runner = Recording(tiny_runner, on_batch=on_batch)
+    worker = holder["worker"] = Worker(queue, lambda: runner, settings, Metrics())
+
+    async def scenario():
+        await queue.submit(first, wait=False)
+        await queue.submit(second, wait=False)
+        task = asyncio.create_task(worker.run())
+        results = [await queue.wait(j.id, 2 * COMPUTE_S) for j in (first, second)]
+        worker.request_stop()
+        await task
+        return results
+
+    results = asyncio.run(scenario())
+    assert [r.state for r in results] == ["done", "done"]
+    assert seen["second started while encoding"] is overlap
+    # In flight, the first job is still held (heartbeated), so no other worker reclaims it.
+    assert first.id in seen["held"]
+    assert all(r.compute_s >= r.timings["encode"] > 0 for r in results)
+    # Every batch computes on the worker's one compute thread (torch's CPU thread team is per thread).
+    assert len(compute_threads) == 2 and set(compute_threads) == {compute_threads[0]}
+    assert compute_threads[0].startswith("flowie-compute")
+
+
+@pytest.mark.parametrize(("setting", "device", "expected"), [
+    ("auto", "cuda:0", True), ("auto", "cpu", False), ("on", "cpu", True), ("off", "cuda:1", False)])
+def test_answers_overlap_by_default_only_on_a_gpu(make_settings, setting, device, expected):
+    settings = make_settings(encode_overlap=setting, device=device)
+    assert Worker(MemoryJobQueue(4, 60), lambda: None, settings, Metrics())._overlap is expected
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_job_whose_answer_cannot_be_encoded_fails_alone(tiny_runner, make_settings, monkeypatch, overlap):
+    def encode_or_fail(image, fmt, quality, level):
+        if fmt == "jpeg":
+            raise OSError("encoder broke")
+        return encode_image(image, fmt, quality, level)
+
+    monkeypatch.setattr(worker_module, "encode_image", encode_or_fail)
+    settings = make_settings(max_batch=2, max_wait_ms=300.0, encode_overlap="on" if overlap else "off")
+    queue = MemoryJobQueue(16, 60)
+    runner = Recording(tiny_runner)
+    worker = Worker(queue, lambda: runner, settings, Metrics())
+    fine, broken = make_job(90, 90), make_job(90, 90)
+    broken.output_format = "jpeg"
+
+    async def scenario():
+        await queue.submit(fine, wait=False)
+        await queue.submit(broken, wait=False)
+        task = asyncio.create_task(worker.run())
+        results = [await queue.wait(j.id, COMPUTE_S) for j in (fine, broken)]
+        worker.request_stop()
+        await task
+        return results
+
+    done, failed = asyncio.run(scenario())
+    assert len(runner.batches) == 1  # one compute for both: the batch is not run again
+    assert done.state == "done" and done.image[:8] == b"\x89PNG\r\n\x1a\n"
+    assert failed.state == "failed" and failed.problem["status"] == 500 and "OSError" in failed.problem["detail"]
+    assert worker.crashed is None
+
+
+def test_stop_stores_the_answers_in_flight_before_leaving(tiny_runner, make_settings, monkeypatch):
+    release = threading.Event()
+
+    def slow_encode(image, fmt, quality, level):
+        release.wait(COMPUTE_S)  # the answer is still being encoded when the stop arrives
+        return encode_image(image, fmt, quality, level)
+
+    monkeypatch.setattr(worker_module, "encode_image", slow_encode)
+    settings = make_settings(max_batch=1, max_wait_ms=0.0, encode_overlap="on")
+    queue = MemoryJobQueue(16, 60)
+    job = make_job(90, 90)
+    holder: dict[str, Worker] = {}
+
+    def stop_then_release():  # compute done, answers in flight: SIGTERM, and the encoding ends later
+        holder["worker"].request_stop()
+        threading.Timer(0.5, release.set).start()
+
+    class StopAfterCompute(Recording):
+        def enhance(self, *args):
+            outputs = super().enhance(*args)
+            threading.Timer(0.2, stop_then_release).start()
+            return outputs
+
+    worker = holder["worker"] = Worker(queue, lambda: StopAfterCompute(tiny_runner), settings, Metrics())
+
+    async def scenario():
+        await queue.submit(job, wait=False)
+        await asyncio.wait_for(worker.run(), 2 * COMPUTE_S)
+        return await queue.result(job.id)  # stored by the time the worker has left
+
+    result = asyncio.run(scenario())
+    assert result is not None and result.state == "done" and result.image[:4] == b"\x89PNG"
+    assert worker.held() == []
+
+
+def test_an_error_storing_answers_stops_the_loop_and_says_so(tiny_runner, make_settings):
+    class BrokenFinish(MemoryJobQueue):
+        async def finish(self, delivery, result):
+            raise RuntimeError("store broke")
+
+    settings = make_settings(max_batch=1, max_wait_ms=0.0, encode_overlap="on")
+    queue = BrokenFinish(16, 60)
+    worker = Worker(queue, lambda: tiny_runner, settings, Metrics())
+
+    async def scenario():
+        await queue.submit(make_job(90, 90), wait=False)
+        await asyncio.wait_for(worker.run(), COMPUTE_S)  # a lost error would leave the loop idling here
+
+    with pytest.raises(RuntimeError, match="store broke"):
+        asyncio.run(scenario())
+    assert worker.crashed is not None and "store broke" in worker.crashed
