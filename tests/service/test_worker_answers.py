@@ -6,9 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 
 import pytest
-from test_worker_batching import Recording, make_job
+from test_worker_batching import (
+    Recording,
+    job_outcomes,
+    make_job,
+    recording_worker,
+    redis_pair,
+    running_worker,
+)
 
 import service.worker as worker_module
 from service.imaging import encode_image
@@ -161,3 +169,32 @@ def test_an_error_storing_answers_stops_the_loop_and_says_so(tiny_runner, make_s
     with pytest.raises(RuntimeError, match="store broke"):
         asyncio.run(scenario())
     assert worker.crashed is not None and "store broke" in worker.crashed
+
+
+def test_on_redis_a_backlog_of_several_batches_is_answered_with_the_answers_overlapping(
+        redis_server, tiny_runner, make_settings):
+    """The answers' task stores results on the Redis queue while the loop takes, checks and computes
+    the next batch: every job ends done with its own image, and every entry is acknowledged."""
+    settings = make_settings(max_batch=2, max_wait_ms=0.0, encode_overlap="on")
+    api, queue = redis_pair(redis_server, "w" + uuid.uuid4().hex[:8])
+    worker, runner, metrics = recording_worker(queue, tiny_runner, settings)
+    # Three groups of two (different samplers or work sizes): three batches, one behind the other.
+    jobs = [make_job(90, 90), make_job(90, 90), make_job(90, 90, sampler="restore_only"),
+            make_job(90, 90, sampler="restore_only"), make_job(200, 150), make_job(200, 150)]
+
+    async def scenario():
+        async with running_worker(api, queue, worker):
+            for job in jobs:
+                await api.submit(job, wait=True)
+            results = [await api.wait(job.id, COMPUTE_S) for job in jobs]
+            while await api.depth("bfr"):  # until the worker has acknowledged every entry
+                await asyncio.sleep(0.02)
+            return results
+
+    results = asyncio.run(scenario())
+    assert [r.state for r in results] == ["done"] * 6
+    assert [(r.width, r.height) for r in results] == [(90, 90)] * 4 + [(200, 150)] * 2
+    assert all(r.image[:4] == b"\x89PNG" and r.batch_size >= 1 for r in results)
+    assert sum(len(shapes) for _, shapes, _ in runner.batches) == 6 and len(runner.batches) >= 3
+    assert job_outcomes(metrics) == {"done": 6.0}
+    assert worker.crashed is None

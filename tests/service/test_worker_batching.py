@@ -12,6 +12,7 @@ import uuid
 from dataclasses import asdict
 
 import numpy as np
+import pytest
 from svc_helpers import png
 
 from flowie.params import EnhanceParams
@@ -466,10 +467,11 @@ def test_on_redis_a_job_cancelled_while_queued_is_never_delivered(redis_server, 
     assert job_outcomes(metrics) == {"done": 1.0}  # the worker never saw the cancelled one
 
 
+@pytest.mark.parametrize("overlap", ["off", "on"])  # the answer is dropped before or in the answers' task
 def test_on_redis_a_lone_job_cancelled_as_its_compute_starts_keeps_the_cancelled_result(
-        redis_server, tiny_runner, make_settings):
+        redis_server, tiny_runner, make_settings, overlap):
     """A lone job's check travels alongside its compute: a cancel of that instant drops the output."""
-    settings = make_settings(max_batch=4, max_wait_ms=LONG_WINDOW_MS)
+    settings = make_settings(max_batch=4, max_wait_ms=LONG_WINDOW_MS, encode_overlap=overlap)
     lone = make_job(90, 90)
     api, queue = cancel_at_begin_pair(redis_server, lone.id)
     worker, runner, metrics = recording_worker(queue, tiny_runner, settings)
