@@ -18,7 +18,7 @@ What computes (``--compute``):
 * ``tiny:DIR``: the real pipeline of a converted model directory on the CPU (compute far longer
   than the encoding there: expect no change).
 
-    python loadtests/worker_bench.py [--jobs 32] [--batch 4] [--compute h200] [--codec-threads 0]
+    python loadtests/worker_bench.py [--jobs 32] [--batch 4] [--compute h200] [--codec-threads 0] [--decode]
 """
 
 from __future__ import annotations
@@ -133,12 +133,17 @@ def make_runner(compute: str, batch: int) -> Any:
     raise SystemExit(f"--compute: h200, wait:MS or tiny:DIR, not {compute!r}")
 
 
-def make_jobs(n: int, pixels: np.ndarray, png: bytes, params: EnhanceParams | None = None) -> list[Job]:
-    # By default the model's parameters, at the image's own size.
+def make_jobs(n: int, pixels: np.ndarray, png: bytes, params: EnhanceParams | None = None,
+              decode: bool = False) -> list[Job]:
+    """``n`` jobs of the photo; with ``decode`` they carry only the upload's bytes, which the worker
+    decodes (as uploads over 65,536 px reach it from Redis), else the decoded pixels too (as the
+    in-memory queue of `flowie serve` hands them over). By default the model's parameters, at the
+    image's own size."""
     params = asdict(dataclasses.replace(params or EnhanceParams(upscale=1.0, min_side=0), seed=0))
     now = time.time()
     return [Job(id=uuid.uuid4().hex, task="bfr", params=dict(params, seed=i), output_format="png", quality=None,
-                image=png, created_at=now, deadline=now + 3600, pixels=pixels) for i in range(n)]
+                image=png, created_at=now, deadline=now + 3600, pixels=None if decode else pixels)
+            for i in range(n)]
 
 
 def run_once(runner: Any, overlap: bool, args: argparse.Namespace, pixels: np.ndarray, png: bytes,
@@ -150,7 +155,7 @@ def run_once(runner: Any, overlap: bool, args: argparse.Namespace, pixels: np.nd
                              encode_overlap="on" if overlap else "off")
     queue = MemoryJobQueue(args.jobs + 1, 3600)
     worker = Worker(queue, lambda: runner, settings, Metrics())
-    jobs = make_jobs(args.jobs, pixels, png, params)
+    jobs = make_jobs(args.jobs, pixels, png, params, getattr(args, "decode", False))
 
     async def scenario() -> tuple[float, list[Any]]:
         for job in jobs:
@@ -179,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512, help="side of the square photos")
     parser.add_argument("--compute", default="h200", help="h200 (stand-in), wait:MS per image, or tiny:MODEL_DIR")
     parser.add_argument("--codec-threads", type=int, default=0, help="0 = the worker's default, min(8, cores)")
+    parser.add_argument("--decode", action="store_true",
+                        help="the worker decodes every upload (Redis, uploads over 65,536 px) instead of "
+                        "getting its pixels (flowie serve)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of (off, on); the median is reported")
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args(argv)
@@ -203,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = summary["on"]["images_per_s"] / summary["off"]["images_per_s"]
     threads = args.codec_threads or default_codec_threads()
     print(f"\n{args.jobs} jobs of {args.size}x{args.size}, batch {args.batch}, compute {args.compute}, "
-          f"{threads} codec threads")
+          f"{threads} codec threads, uploads {'decoded by the worker' if args.decode else 'as pixels'}")
     print("| encode_overlap | img/s | encode ms per batch |\n|---|---|---|")
     for name in ("off", "on"):
         print(f"| {name} | {summary[name]['images_per_s']:.2f} | {summary[name]['median_encode_ms_per_batch']:.1f} |")

@@ -156,8 +156,8 @@ class Settings(BaseSettings):
     )
     codec_threads: int = Field(
         0, ge=0, le=64,
-        description="threads a worker encodes a batch's answers and decodes a batch's uploads with (the image "
-        "codecs release the GIL; a 512x512 PNG takes tens of ms); 0 = min(8, CPU cores)",
+        description="threads a worker encodes a batch's answers with, and as many again that decode a batch's "
+        "uploads (the image codecs release the GIL; a 512x512 PNG takes tens of ms); 0 = min(8, CPU cores)",
     )
     encode_overlap: Literal["auto", "on", "off"] = Field(
         "auto",

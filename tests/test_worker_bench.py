@@ -21,11 +21,12 @@ def load_bench():
     return module
 
 
-def test_worker_bench_runs_both_settings_on_the_stand_in(tmp_path, capsys):
+@pytest.mark.parametrize("decode", [False, True])  # uploads as pixels (flowie serve) or as bytes (Redis)
+def test_worker_bench_runs_both_settings_on_the_stand_in(tmp_path, capsys, decode):
     bench = load_bench()
     out = tmp_path / "bench.json"
     assert bench.main(["--compute", "wait:5", "--size", "64", "--batch", "2", "--jobs", "4", "--rounds", "1",
-                       "--codec-threads", "2", "--json", str(out)]) == 0
+                       "--codec-threads", "2", "--json", str(out), *(["--decode"] if decode else [])]) == 0
     report = json.loads(out.read_text())
     assert [(r["encode_overlap"], r["batches"]) for r in report["runs"]] == [(False, 2), (True, 2)]
     for run in report["runs"]:
@@ -35,7 +36,9 @@ def test_worker_bench_runs_both_settings_on_the_stand_in(tmp_path, capsys):
         assert run["seconds"] >= 0.02
     assert report["ratio_on_off"] == pytest.approx(report["summary"]["on"]["images_per_s"]
                                                    / report["summary"]["off"]["images_per_s"])
-    assert "| on |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| on |" in printed
+    assert ("decoded by the worker" in printed) is decode and report["args"]["decode"] == str(decode)
 
 
 def test_worker_bench_refuses_what_it_cannot_run():

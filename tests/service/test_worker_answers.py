@@ -80,6 +80,46 @@ def test_the_next_batch_computes_while_the_previous_answers_are_encoded(tiny_run
     assert compute_threads[0].startswith("flowie-compute")
 
 
+def test_the_next_batchs_uploads_do_not_wait_behind_the_previous_answers(tiny_runner, make_settings,
+                                                                         monkeypatch):
+    """Uploads are decoded on threads of their own: with every encoding thread busy with the previous
+    batch's answers, the next batch is still decoded and computed."""
+    first = [make_job(90, 90, sampler="restore_only") for _ in range(2)]  # one batch of two
+    second = [make_job(90, 90, sampler="euler", steps=2) for _ in range(2)]  # the next one
+    assert all(job.pixels is None for job in first + second)  # the worker decodes every upload
+    second_started = threading.Event()
+    encode_waits: list[bool] = []
+    lock = threading.Lock()
+
+    def encode_spy(image, fmt, quality, level):
+        with lock:
+            call = len(encode_waits)
+            encode_waits.append(False)
+        if call < 2:  # both encoding threads hold the first batch's answers until the next batch starts
+            encode_waits[call] = second_started.wait(COMPUTE_S)
+        return encode_image(image, fmt, quality, level)
+
+    monkeypatch.setattr(worker_module, "encode_image", encode_spy)
+    settings = make_settings(max_batch=2, max_wait_ms=0.0, encode_overlap="on", codec_threads=2)
+    queue = MemoryJobQueue(16, 60)
+    runner = Recording(tiny_runner, on_batch=lambda: len(runner.batches) == 2 and second_started.set())
+    worker = Worker(queue, lambda: runner, settings, Metrics())
+
+    async def scenario():
+        for job in first + second:
+            await queue.submit(job, wait=False)
+        task = asyncio.create_task(worker.run())
+        results = [await queue.wait(j.id, 3 * COMPUTE_S) for j in first + second]
+        worker.request_stop()
+        await task
+        return results
+
+    results = asyncio.run(scenario())
+    assert [r.state for r in results] == ["done"] * 4
+    assert [len(shapes) for _, shapes, _ in runner.batches] == [2, 2]
+    assert encode_waits[:2] == [True, True]  # the next batch started while both were held
+
+
 @pytest.mark.parametrize(("setting", "device", "expected"), [
     ("auto", "cuda:0", True), ("auto", "cpu", False), ("on", "cpu", True), ("off", "cuda:1", False)])
 def test_answers_overlap_by_default_only_on_a_gpu(make_settings, setting, device, expected):
