@@ -163,7 +163,7 @@ class Settings(BaseSettings):
         "auto",
         description="encode and store a batch's answers on the codec threads while the next batch computes (one "
         "batch behind at most) instead of before it: auto = on with CUDA, where the PNG encoding would otherwise "
-        "add its CPU time to every batch (1.25-1.33x images/s with the H200's batch times; docs/PERF.md), off on "
+        "add its CPU time to every batch (1.11-1.33x images/s with the H200's batch times on a 2-core host; docs/PERF.md), off on "
         "the CPU, where it is a few per cent of compute and would compete with it for the cores",
     )
     png_compress_level: int = Field(
