@@ -364,7 +364,7 @@ class Worker:
         """Threads that decode a batch's uploads in parallel, made on first use. Not the encoding
         threads: with answers overlapping compute, the next batch's uploads would queue behind the
         previous batch's answers there, and the next compute would wait for the encoding after all
-        (measured: the gain fell from 1.25x to 0.98x at batch 4, docs/PERF.md)."""
+        (measured with uploads the worker decodes: 0.98x instead of 1.11x at batch 4, docs/PERF.md)."""
         if self._decode_pool is None:
             self._decode_pool = ThreadPoolExecutor(max_workers=self._codec_threads, thread_name_prefix="flowie-decode")
         return self._decode_pool
