@@ -1227,8 +1227,9 @@ class Bench:
             log(f"service worker: skipped ({reason})")
             return {"status": "skipped", "reason": reason}
         from service.imaging import encode_image
+        from service.runner import PipelineRunner
 
-        runner, png = wb.OnePipelineRunner(pipe), encode_image(image, "png")
+        runner, png = PipelineRunner.from_pipelines({"bfr": pipe}, str(self.device)), encode_image(image, "png")
         out: dict[str, Any] = {}
         for b in sorted({min(self.args.batch_sizes), max(self.args.batch_sizes)}):
             if self.remaining() < 30:

@@ -94,31 +94,6 @@ class StandInRunner:
         return 0
 
 
-class OnePipelineRunner:
-    """The runner protocol around one `flowie.pipeline.Pipeline` already built (``gpu_bench.py``'s
-    engines), serving task ``bfr``; `service.runner.PipelineRunner` loads model directories instead."""
-
-    def __init__(self, pipeline: Any) -> None:
-        self.pipeline = pipeline
-        self.backend = pipeline.backend
-
-    @property
-    def tasks(self) -> list[str]:
-        return ["bfr"]
-
-    def padded_shape(self, task: str, height: int, width: int, params: EnhanceParams) -> tuple[int, int]:
-        return tuple(self.pipeline.padded_shape(height, width, params))  # type: ignore[return-value]
-
-    def enhance(self, task: str, images: list[np.ndarray], params: EnhanceParams, seeds: list[int]) -> list[Any]:
-        return list(self.pipeline.enhance(images, params, seeds=seeds, keep_restored=False))
-
-    def memory_bytes(self) -> dict[str, int]:
-        return {}
-
-    def default_min_side(self, task: str) -> int:
-        return 0
-
-
 def make_runner(compute: str, batch: int) -> Any:
     if compute == "h200":
         if batch not in H200_BFR_MS_PER_IMAGE:

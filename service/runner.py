@@ -73,6 +73,14 @@ class PipelineRunner:
                                             "backend": pipe.backend})
         self.backend = next(iter(self.pipelines.values())).backend if self.pipelines else backend
 
+    @classmethod
+    def from_pipelines(cls, pipelines: dict[str, Any], device: str) -> PipelineRunner:
+        """A runner around pipelines already built, one per task (a benchmark's engines)."""
+        runner = cls.__new__(cls)
+        runner.device, runner.pipelines = device, dict(pipelines)
+        runner.backend = next(iter(runner.pipelines.values())).backend
+        return runner
+
     @property
     def tasks(self) -> list[str]:
         return list(self.pipelines)
