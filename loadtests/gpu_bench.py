@@ -208,20 +208,23 @@ class WaveletColourFix:
 
 
 class StageRunner(nn.Module):
-    """One stage as the serving pipeline runs it (flowie.pipeline.TorchStage): inputs cast to the
-    stage's dtype (``t``, 1-D, stays float32), optionally channels_last, output contiguous float32."""
+    """One stage as the serving pipeline runs it (flowie.pipeline.TorchStage): inputs moved to the
+    module's device and cast to the stage's dtype (``t``, 1-D, stays float32), optionally
+    channels_last, output contiguous float32. The move matters for the streamed path, whose cond
+    encoder reads its tiles from the SwinIR rows kept in host RAM."""
 
     def __init__(self, module: nn.Module, dtype: torch.dtype, channels_last: bool):
         super().__init__()
         self.module, self.dtype, self.channels_last = module, dtype, channels_last
+        self.device = next(module.parameters()).device
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         cast = []
         for x in inputs:
             if x.dim() == 1:
-                cast.append(x.to(torch.float32))
+                cast.append(x.to(self.device, torch.float32))
                 continue
-            x = x.to(self.dtype)
+            x = x.to(self.device, self.dtype)
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             cast.append(x)
@@ -1074,10 +1077,25 @@ class Bench:
         params = EnhanceParams(sampler="one_step", color_fix="wavelet", upscale=1.0, min_side=0, tile="on")
         rec.update(dtype=str(dtype).replace("torch.", ""), sampler="one_step", rows=[])
         gen = torch.Generator(device="cpu").manual_seed(a.seed + 2)
-        for h, w in a.scaling_sizes:
+
+        def work_image(h: int, w: int):  # uint8 HWC numpy image
             low = torch.rand(1, 3, max(1, h // 32), max(1, w // 32), generator=gen)
             image = F.interpolate(low, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1)
-            work = (image[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+            return (image[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+
+        # One untimed run of each path at the smallest size first, as a worker's FLOWIE_WARMUP does:
+        # the first call of each tile shape pays cuDNN's algorithm search and lazy CUDA set-up
+        # (session 6 timed it into the 1 MP row: 2.9 s streamed against 0.7 s for the batch path).
+        h0, w0 = a.scaling_sizes[0]
+        t0 = time.perf_counter()
+        warm = work_image(h0, w0)
+        pipe.run_streamed(warm, params, seed=0)
+        pipe.run_batch(torch.from_numpy(warm).permute(2, 0, 1)[None].float().div_(255).to(self.device), params, seeds=[0])
+        self.sync()
+        rec["warmup_s"] = round(time.perf_counter() - t0, 3)
+        log(f"scaling warm-up at {h0}x{w0}: {rec['warmup_s']:.2f} s")
+        for h, w in a.scaling_sizes:
+            work = work_image(h, w)
             row: dict = {"h": h, "w": w, "megapixels": h * w / 1e6}
             for path in ("streamed", "batch"):
                 if self.remaining() < 20:
@@ -1120,7 +1138,7 @@ class Bench:
                 for r in timed]
         self.data["scaling"] = rec
 
-    def sec_service(self, rec: dict, dtype: torch.dtype) -> None:
+    def sec_service(self, rec: dict, dtype: torch.dtype, compiled: tuple[str, ...] = ()) -> None:
         """What a worker computes per batch: ``Pipeline.enhance`` on ``TorchEngine`` stages with the
         service's CUDA defaults (``dtype``, a CUDA graph per stage and input shape, cudnn.benchmark;
         eager float32 on a CPU), uint8 images in and out, so the pre- and post-processing, the sampler
@@ -1130,6 +1148,10 @@ class Bench:
         and the largest; wall clock, median of repeats after two warm-up calls (graph capture). The
         answers are then encoded as the worker encodes them (PNG at the service's default zlib level,
         on min(8, cores) codec threads), timed apart: on a GPU this CPU work can rival the compute.
+
+        ``compiled``: stages to ``torch.compile`` as ``FLOWIE_TORCH_COMPILE`` does (section
+        ``service_compile``: the largest batch only, whose first calls include the compile; no
+        worker run). Empty: the service's defaults (section ``service``).
         """
         from concurrent.futures import ThreadPoolExecutor
 
@@ -1144,10 +1166,15 @@ class Bench:
         a = self.args
         mods = self.modules_for(dtype, False)
         options = {"cuda_graphs": self.cuda, "cudnn_benchmark": self.cuda}
-        stages = {n: TorchEngine(mods[n], SPECS[n], self.device, dtype, **options) for n in STAGES}
+        if compiled:
+            _raise_recompile_limit()
+        stages = {n: TorchEngine(mods[n], SPECS[n], self.device, dtype, compile=n in compiled, **options)
+                  for n in STAGES}
         meta = model_meta(self.spec, tuple(self.null_context[:1].shape), {"name": "gpu-bench random weights"})
         pipe = Pipeline(ModelInfo(path=self.out_dir, meta=meta), stages, self.null_context[:1], device=self.device)
-        rec.update(dtype=str(dtype).replace("torch.", ""), engine_options=options, size=a.size, workloads={})
+        rec.update(dtype=str(dtype).replace("torch.", ""), engine_options={**options, "compiled": list(compiled)},
+                   size=a.size, workloads={})
+        batches = [max(a.batch_sizes)] if compiled else sorted({min(a.batch_sizes), max(a.batch_sizes)})
         common = {"upscale": 1.0, "min_side": 0, "tile": "off", "color_fix": "wavelet"}
         workloads = {"bfr": EnhanceParams(sampler="mean_value", **common),
                      "bsr": EnhanceParams(sampler="one_step", **common)}
@@ -1159,7 +1186,7 @@ class Bench:
         try:
             for workload, params in workloads.items():
                 rows = rec["workloads"][workload] = {}
-                for b in sorted({min(a.batch_sizes), max(a.batch_sizes)}):
+                for b in batches:
                     if self.remaining() < 15:
                         rows[str(b)] = {"status": "skipped", "reason": "budget"}
                         continue
@@ -1194,9 +1221,11 @@ class Bench:
                                     "img_per_s_with_encode": b / ((batch_ms + encode_ms) / 1000)}
                     if self.cuda:
                         rows[str(b)]["peak_allocated_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
-                    log(f"service {workload} b={b}: {batch_ms:.1f} ms/batch, {b / (batch_ms / 1000):.2f} img/s; "
-                        f"PNG answers {encode_ms:.1f} ms more")
+                    log(f"{rec['name']} {workload} b={b}: {batch_ms:.1f} ms/batch, {b / (batch_ms / 1000):.2f} img/s; "
+                        f"PNG answers {encode_ms:.1f} ms more; first calls {first} ms")
                     self.save()
+            if compiled:
+                return
             try:
                 rec["worker"] = self._worker_overlap(pipe, workloads["bfr"], image)
             except Exception as exc:  # noqa: BLE001 - the rows above keep their numbers
@@ -1208,7 +1237,7 @@ class Bench:
             del pipe, stages
             if self.cuda:
                 torch.cuda.empty_cache()
-        self.data["service"] = rec
+            self.data[rec["name"]] = rec
 
     def _worker_overlap(self, pipe: Any, params: Any, image: Any) -> dict:
         """The real worker on the real in-memory queue computing with ``pipe``: images/s of a backlog of
@@ -1380,6 +1409,15 @@ class Bench:
                      min_s=0 if a.tiny else 40, skip_reason=skip_unless("service"))
         compile_skip = skip_unless("compile") or (None if self.cuda or a.cpu_compile else
                                                   "torch.compile is measured on the GPU only; pass --cpu-compile")
+        # The service with FLOWIE_TORCH_COMPILE=on: its stages compiled under its CUDA graphs.
+        from flowie.stages import COMPILE_ON_STAGES
+
+        self.section("service_compile",
+                     lambda rec: self.sec_service(rec, hdtype if self.cuda else torch.float32, COMPILE_ON_STAGES),
+                     min_s=0 if a.tiny else a.compile_min_s,
+                     skip_reason=skip_unless("service_compile") or (None if self.cuda or a.cpu_compile else
+                                                                    "torch.compile is measured on the GPU only; "
+                                                                    "pass --cpu-compile"))
         mode_section(Mode(f"{half}{suffix}_compile", hdtype, channels_last=cl, compile_mode=a.compile_mode),
                      min_s=a.compile_min_s, skip=compile_skip)
         # Reuses the compile above when there is one; otherwise it would have to compile first.
@@ -1523,11 +1561,13 @@ class Bench:
                 f"{r['megapixels']:.2g} MP streamed {cell(r, 'streamed')}, batch {cell(r, 'batch')}" for r in scaling["rows"])
                 + (f"; streamed peak last/previous {scaling['streamed_peak_ratio_last_two']:.2f}x (goal <= 1.2)"
                    if "streamed_peak_ratio_last_two" in scaling else ""))
-        service = self.data.get("service", {})
-        if service.get("workloads"):
+        for service in (self.data.get("service", {}), self.data.get("service_compile", {})):
+            if not service.get("workloads"):
+                continue
             opts = service.get("engine_options", {})
+            compiled = f", compiled: {', '.join(opts['compiled'])}" if opts.get("compiled") else ""
             lines.append(f"service path (Pipeline.enhance on {service.get('dtype')} engines, CUDA graphs per stage "
-                         f"{'on' if opts.get('cuda_graphs') else 'off'}): " + "; ".join(
+                         f"{'on' if opts.get('cuda_graphs') else 'off'}{compiled}): " + "; ".join(
                 f"{wl.upper()} b{b} {e['batch_ms']:.1f} ms = {e['img_per_s']:.2f} img/s "
                 f"(+PNG {e['encode_png_batch_ms']:.1f} ms: {e['img_per_s_with_encode']:.2f})"
                 for wl, rows in service["workloads"].items() for b, e in rows.items() if e.get("status") == "done"))
@@ -1611,7 +1651,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check-batch", type=int, default=None, help="batch whose outputs are compared with fp32 (default 4)")
     p.add_argument("--modes", default=None,
                    help="comma list to run only some of: fp32_eager, fp16_eager, bf16_eager, eager_cl, nobench, graphs, "
-                        "service, compile, compile_graphs, tf32, autotune, scaling (default: all)")
+                        "service, service_compile, compile, compile_graphs, tf32, autotune, scaling (default: all)")
     p.add_argument("--half", choices=("auto", "fp16", "bf16"), default="auto",
                    help="half precision of the later modes (auto: by the eager results)")
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto")

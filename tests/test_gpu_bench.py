@@ -169,6 +169,7 @@ def test_tiny_run_measures_the_pipeline_against_image_size(tiny_run):
     sections = {s["name"]: s for s in data["sections"]}
     assert sections["scaling"]["status"] == "done", sections["scaling"]
     rows = data["scaling"]["rows"]
+    assert data["scaling"]["warmup_s"] > 0  # first-call costs stay out of the first timed row
     assert [(r["h"], r["w"]) for r in rows] == [(576, 64), (1088, 64)]
     for row in rows:
         for path in ("streamed", "batch"):
@@ -182,7 +183,7 @@ def test_tiny_run_measures_the_service_path_on_the_engines(tiny_run):
     sections = {s["name"]: s for s in data["sections"]}
     assert sections["service"]["status"] == "done", sections["service"]
     service = data["service"]
-    assert service["engine_options"] == {"cuda_graphs": False, "cudnn_benchmark": False}  # a CPU
+    assert service["engine_options"] == {"cuda_graphs": False, "cudnn_benchmark": False, "compiled": []}  # a CPU
     for workload in ("bfr", "bsr"):
         rows = service["workloads"][workload]
         assert set(rows) == {"1", "2"}
@@ -206,3 +207,15 @@ def test_tiny_run_measures_the_service_path_on_the_engines(tiny_run):
         assert all(r["batches"] == 6 and r["median_encode_ms_per_batch"] > 0 for r in row["runs"])
         assert row["ratio_on_off"] == pytest.approx(row["img_per_s"]["on"] / row["img_per_s"]["off"])
     assert "img/s with answers encoded before / while" in (out / "gpu_bench_table.txt").read_text()
+
+
+def test_stage_runner_moves_inputs_to_its_module_device():
+    """The streamed path's cond encoder reads tiles from host RAM; on a GPU the bench's stage
+    wrapper must move them to the card, as the service's engines do. The meta device stands in for
+    a card here: a CPU input reaches a meta-device convolution only if the wrapper moved it."""
+    bench = _load_bench()
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1, device="meta")
+    runner = bench.StageRunner(conv, torch.float32, channels_last=False)
+    out = runner(torch.zeros(1, 3, 8, 8))
+    assert out.device.type == "meta"
+    assert tuple(out.shape) == (1, 4, 8, 8)
