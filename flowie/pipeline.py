@@ -165,7 +165,7 @@ class Pipeline:
                                            seed=int(seeds[i]),
                                            timings={**streamed.timings, "total": time.perf_counter() - start})
                 continue
-            lq = imageops.images_to_tensor([imageops.prepare(images[i], plans[i]) for i in idx])
+            lq = imageops.images_to_tensor([imageops.prepare(images[i], plans[i]) for i in idx], self.device)
             batch_noise = noise[idx] if noise is not None else None
             out = self.run_batch(lq, p, [int(seeds[i]) for i in idx], batch_noise, on_step=on_step)
             final = imageops.tensor_to_uint8(out.image)
@@ -373,8 +373,8 @@ class Pipeline:
 class _Uint8Rows:
     """A row source over a uint8 HWC image: regions come out as float32 [1, 3, n, w] in [0, 1].
 
-    Converted exactly as :func:`imageops.images_to_tensor` converts the whole image (float64
-    division, then float32), one tile at a time.
+    Converted exactly as :func:`imageops.images_to_tensor` converts the whole image, one tile at
+    a time: the tile's bytes go to the device and are converted there.
     """
 
     def __init__(self, image: np.ndarray, device: torch.device):
@@ -382,8 +382,8 @@ class _Uint8Rows:
         self.shape = (1, 3, image.shape[0], image.shape[1])
 
     def read(self, top: int, bottom: int, left: int = 0, right: int | None = None) -> torch.Tensor:
-        region = self.image[None, top:bottom, left:right]
-        return torch.tensor(region / 255.0, dtype=torch.float32, device=self.device).clamp_(0, 1).permute(0, 3, 1, 2)
+        region = torch.from_numpy(np.ascontiguousarray(self.image[None, top:bottom, left:right]))
+        return imageops.bytes_to_unit_float(region.to(self.device)).permute(0, 3, 1, 2)
 
 
 def _store_to_uint8(store: RowStore, band_rows: int = 256) -> np.ndarray:

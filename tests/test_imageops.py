@@ -9,6 +9,7 @@ from PIL import Image
 
 from flowie.imageops import (
     ResizePlan,
+    bytes_to_unit_float,
     crop_tensor,
     ensure_rgb,
     finish,
@@ -41,6 +42,45 @@ def test_images_to_tensor_maps_every_uint8_value_to_float32_of_v_over_255():
     x = images_to_tensor([values])[0, 0].flatten()
     expected = torch.tensor(np.arange(256) / 255.0, dtype=torch.float32)
     assert torch.equal(x, expected)
+
+
+def test_bytes_to_unit_float_is_the_official_division_for_every_value_and_shape():
+    values = torch.arange(256, dtype=torch.uint8)
+    expected = torch.from_numpy((np.arange(256) / 255.0).astype(np.float32))
+    assert torch.equal(bytes_to_unit_float(values), expected)
+    image = torch.from_numpy(_random_image(5, 7, 9))
+    out = bytes_to_unit_float(image)
+    assert out.shape == (5, 7, 3) and out.dtype == torch.float32
+    assert torch.equal(out, torch.tensor(image.numpy() / 255.0, dtype=torch.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        bytes_to_unit_float(values.float())
+
+
+def test_a_reciprocal_multiplication_would_not_be_official():
+    """Why the conversion looks bytes up instead of dividing on the device: a division by a
+    scalar that a kernel turns into a multiplication by float32(1/255) misses the official value
+    for some bytes. If this ever stops failing, the table is still right, only no longer needed."""
+    official = (np.arange(256) / 255.0).astype(np.float32)
+    by_reciprocal = np.arange(256, dtype=np.float32) * np.float32(1 / 255)
+    assert (by_reciprocal != official).any()
+
+
+def test_images_to_tensor_converts_on_the_device_it_is_given():
+    """The result lands on the device asked for (the meta device stands in for a GPU here; that
+    the conversion itself runs there is the implementation's comment, measured only on a card)."""
+    x = images_to_tensor([_random_image(8, 8)], device="meta")
+    assert x.device.type == "meta" and x.dtype == torch.float32 and x.shape == (1, 3, 8, 8)
+
+
+def test_tensor_to_uint8_truncates_like_numpy_at_every_step_boundary():
+    """Every float32 next to each k/255 and each exact product: the device-side cast must drop the
+    fraction exactly where the official numpy ``astype(uint8)`` does."""
+    k = torch.arange(256, dtype=torch.float32) / 255
+    near = torch.cat([k, torch.nextafter(k, torch.ones_like(k)), torch.nextafter(k, torch.zeros_like(k)),
+                      torch.linspace(0, 1, 100_001)])
+    x = near.view(1, 1, 1, -1)
+    official = (np.clip(near.numpy(), 0, 1) * np.float32(255)).astype(np.uint8)
+    np.testing.assert_array_equal(tensor_to_uint8(x)[0, 0, :, 0], official)
 
 
 def test_images_to_tensor_rejects_mixed_sizes_and_empty_batches():
