@@ -27,7 +27,7 @@ _ALIASES = {"torch": "torch", "pytorch": "torch", "eager": "torch", "onnx": "onn
 
 # Per back end: the options build_pipeline accepts (passed to every stage's engine).
 OPTIONS: dict[str, tuple[str, ...]] = {
-    "torch": ("compile", "cuda_graphs", "cudnn_benchmark"),
+    "torch": ("compile", "compile_stages", "cuda_graphs", "cudnn_benchmark"),
     "onnx": ("providers", "intra_op_threads", "inter_op_threads", "trt_ep_fp16", "trt_ep_cache"),
     "tensorrt": ("plan_dir",),
 }
@@ -78,7 +78,12 @@ def build_engines(model_dir: str | Path, backend: str | None = "torch", device: 
     if name == "torch":
         from engines.torch_engine import TorchEngine
 
-        return {s: TorchEngine.from_model(info, s, dev, precision, **options) for s in wanted}
+        compile_mode = options.pop("compile", False)
+        compiled = _compile_stages(options.pop("compile_stages", None))
+        return {s: TorchEngine.from_model(info, s, dev, precision,
+                                          compile=compile_mode if compiled is None or s in compiled else False,
+                                          **options)
+                for s in wanted}
     if name == "onnx":
         return {s: _ort_engine(info, s, dev, precision, **options) for s in wanted}
     from engines.trt_engine import TrtEngine, gpu_identity, import_tensorrt
@@ -97,6 +102,18 @@ def build_engines(model_dir: str | Path, backend: str | None = "torch", device: 
     return {s: TrtEngine.from_model(info, s, dev, plan_dir=Path(plan_dir)) for s in wanted}
 
 
+def _compile_stages(stages) -> frozenset[str] | None:
+    """The ``compile_stages`` option: None = every stage, else the named ones (checked)."""
+    if stages is None:
+        return None
+    from flowie.stages import STAGES
+
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise EngineError(f"compile_stages: unknown stage(s) {unknown}; the stages are {list(STAGES)}")
+    return frozenset(stages)
+
+
 def build_pipeline(model_dir: str | Path, backend: str | None = "torch", device: str = "cpu",
                    dtype: str = "float32", **options) -> Pipeline:
     """A :class:`flowie.pipeline.Pipeline` whose four stages run on ``backend``.
@@ -107,8 +124,8 @@ def build_pipeline(model_dir: str | Path, backend: str | None = "torch", device:
     carry their own precision (``flowie build-engines --fp16``).
 
     options, per back end:
-      torch:    compile (bool or torch.compile mode), cuda_graphs (bool, CUDA only),
-                cudnn_benchmark (bool, CUDA only)
+      torch:    compile (bool or torch.compile mode), compile_stages (the stages it applies to;
+                default every stage), cuda_graphs (bool, CUDA only), cudnn_benchmark (bool, CUDA only)
       onnx:     intra_op_threads, inter_op_threads (0 = onnxruntime's choice), providers
                 (explicit list), trt_ep_fp16 (bool), trt_ep_cache (bool, default True)
       tensorrt: plan_dir (default: <model>/trt/<gpu>-trt<version>, checked against meta.json)

@@ -120,3 +120,9 @@ VAE_DECODER = StageSpec(
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in (SWINIR, COND_ENCODER, FLOW_UNET, VAE_DECODER)}
 STAGE_NAMES: tuple[str, ...] = tuple(STAGES)
+
+# The stages worth compiling with torch.compile (FLOWIE_TORCH_COMPILE=on). On an H200 (docs/PERF.md,
+# session 6) the flow UNet and the VAE decoder compiled gave 1.26x eager's images/s at batch 16 for
+# 100-160 s of compile; SwinIR's 48 Swin blocks alone took 160 s to compile, for a stage that is
+# 15 % of the time.
+COMPILE_ON_STAGES: tuple[str, ...] = (FLOW_UNET.name, VAE_DECODER.name)

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from flowie.params import EnhanceParams
+from service.settings import torch_compile_stages
 
 log = logging.getLogger("flowie.service.runner")
 
@@ -41,7 +42,7 @@ class PipelineRunner:
     """Loads every model directory on ``device``; one model per task."""
 
     def __init__(self, model_dirs: list[Path], *, device: str = "cpu", dtype: str = "auto",
-                 backend: str = "torch", cuda_graphs: bool = True, torch_compile: bool = False,
+                 backend: str = "torch", cuda_graphs: bool = True, torch_compile: str = "off",
                  cudnn_benchmark: bool = True, spill_dir: str = "auto") -> None:
         from engines import build_pipeline  # torch: the worker side only
         from flowie.rowstore import spill_policy
@@ -57,8 +58,9 @@ class PipelineRunner:
             dtype = "float16" if on_cuda and backend == "torch" else "float32"
         options: dict[str, Any] = {}
         if backend == "torch":
-            options = {"cuda_graphs": bool(cuda_graphs and on_cuda), "compile": bool(torch_compile),
-                       "cudnn_benchmark": bool(cudnn_benchmark and on_cuda)}
+            compiled = torch_compile_stages(torch_compile)  # FLOWIE_TORCH_COMPILE
+            options = {"cuda_graphs": bool(cuda_graphs and on_cuda), "compile": bool(compiled),
+                       "compile_stages": compiled or None, "cudnn_benchmark": bool(cudnn_benchmark and on_cuda)}
         self.pipelines: dict[str, Any] = {}
         for model_dir in model_dirs:
             # torch modules, onnxruntime sessions or TensorRT plans (`flowie export` / `build-engines`)

@@ -50,6 +50,29 @@ def warmup_sizes(value: str) -> list[tuple[int, int]]:
     return sizes
 
 
+_COMPILE_OFF = ("off", "false", "0", "no", "")
+_COMPILE_ON = ("on", "true", "1", "yes")
+
+
+def torch_compile_stages(value: str) -> tuple[str, ...]:
+    """FLOWIE_TORCH_COMPILE -> the stages to compile (empty: none); ValueError saying what is wrong."""
+    from flowie.stages import COMPILE_ON_STAGES, STAGES  # light: no torch
+
+    value = value.strip().lower()
+    if value in _COMPILE_OFF:
+        return ()
+    if value in _COMPILE_ON:
+        return COMPILE_ON_STAGES
+    if value == "all":
+        return tuple(STAGES)
+    stages = tuple(part.strip() for part in value.split(",") if part.strip())
+    unknown = [name for name in stages if name not in STAGES]
+    if unknown or not stages:
+        raise ValueError(f"FLOWIE_TORCH_COMPILE: {', '.join(unknown) or repr(value)} is not a stage; use off, on, all "
+                         f"or a comma list of {', '.join(STAGES)}")
+    return stages
+
+
 class Settings(BaseSettings):
     """FlowIE Serve settings. Field name `max_queue` = env `FLOWIE_MAX_QUEUE` = flag `--max-queue`."""
 
@@ -134,10 +157,12 @@ class Settings(BaseSettings):
         "keeps the fastest (the first batch of each shape is slower); the H200 numbers of docs/PERF.md were "
         "measured with it on",
     )
-    torch_compile: bool = Field(
-        False,
-        description="torch back end: torch.compile the stages (+10% throughput at batch 16 on an H200 "
-        "for a ~76 s compile per batch-shape family; for long-lived GPU workers)",
+    torch_compile: str = Field(
+        "off",
+        description="torch back end: torch.compile stages, for long-lived GPU workers (the warm-up pays the compile): "
+        "off; on = the flow UNet and the VAE decoder (+26% images/s over eager at batch 16 on an H200 for 100-160 s of compile "
+        "per batch-shape family; docs/PERF.md); all (SwinIR adds about 160 s); or a comma list of swinir, "
+        "cond_encoder, flow_unet, vae_decoder",
     )
     spill_dir: str = Field(
         "auto",
@@ -163,7 +188,7 @@ class Settings(BaseSettings):
         "auto",
         description="encode and store a batch's answers on the codec threads while the next batch computes (one "
         "batch behind at most) instead of before it: auto = on with CUDA, where the PNG encoding would otherwise "
-        "add its CPU time to every batch (1.11-1.33x images/s with the H200's batch times on a 2-core host; docs/PERF.md), off on "
+        "add its CPU time to every batch (1.35x images/s at batch 1 and 1.14x at batch 16 on an H200; docs/PERF.md), off on "
         "the CPU, where it is a few per cent of compute and would compete with it for the cores",
     )
     png_compress_level: int = Field(
@@ -205,6 +230,15 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split_commas(value)
+
+    @field_validator("torch_compile", mode="before")
+    @classmethod
+    def _torch_compile(cls, value: Any) -> str:
+        if isinstance(value, bool):  # the setting was a bool before session 6
+            return "on" if value else "off"
+        value = str(value).strip().lower()
+        torch_compile_stages(value)  # raises with what is wrong
+        return "off" if value in _COMPILE_OFF else "on" if value in _COMPILE_ON else value
 
     @field_validator("warmup")
     @classmethod

@@ -124,6 +124,18 @@ def test_options_of_another_back_end_are_refused(tiny_model_dir):
         build_engines(tiny_model_dir, "torch", intra_op_threads=2)
 
 
+def test_compile_applies_to_the_named_stages_only(tiny_model_dir):
+    """FLOWIE_TORCH_COMPILE=on compiles two stages: the others must stay eager (no compile is
+    triggered here: torch.compile wraps lazily, and describe() says what each engine will run)."""
+    engines = build_engines(tiny_model_dir, "torch", compile=True, compile_stages=("flow_unet", "vae_decoder"))
+    modes = {name: engine.describe()["compile"] for name, engine in engines.items()}
+    assert modes == {"swinir": None, "cond_encoder": None, "flow_unet": "default", "vae_decoder": "default"}
+    every = build_engines(tiny_model_dir, "torch", compile=True)
+    assert {engine.describe()["compile"] for engine in every.values()} == {"default"}
+    with pytest.raises(EngineError, match="unknown stage.*unet"):
+        build_engines(tiny_model_dir, "torch", compile=True, compile_stages=("unet",))
+
+
 def test_onnx_backend_without_export_says_to_export(tiny_model_dir, tmp_path):
     import shutil
 

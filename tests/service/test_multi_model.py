@@ -43,3 +43,18 @@ def test_two_model_directories_for_one_task_are_refused(tiny_model_dir, make_set
 
     with pytest.raises(SettingsError, match="one per task"):
         load_models(make_settings(model_dirs=[tiny_model_dir, tiny_model_dir]))
+
+
+def test_the_runner_compiles_the_stages_flowie_torch_compile_names(tiny_model_dir):
+    """FLOWIE_TORCH_COMPILE reaches the engines: `on` wraps the flow UNet and the VAE decoder in
+    torch.compile and leaves the other stages eager; `off` compiles none. (Wrapping is lazy: this
+    builds the engines and compiles nothing.)"""
+    from service.runner import PipelineRunner
+
+    def compiled(setting: str) -> set[str]:
+        pipe = PipelineRunner([tiny_model_dir], torch_compile=setting).pipelines["bfr"]
+        return {name for name, engine in pipe.stages.items() if engine.describe()["compile"]}
+
+    assert compiled("on") == {"flow_unet", "vae_decoder"}
+    assert compiled("off") == set()
+    assert compiled("swinir") == {"swinir"}

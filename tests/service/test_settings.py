@@ -13,6 +13,7 @@ from service.settings import (
     add_settings_arguments,
     load_settings,
     settings_from_args,
+    torch_compile_stages,
     warmup_sizes,
 )
 
@@ -52,7 +53,7 @@ def test_every_command_prints_its_help():
     for name, sub in commands.items():
         text = sub.format_help()
         assert "[env FLOWIE_" in text or name not in ("serve", "api", "worker"), name
-    assert "(+10%" in commands["serve"].format_help()
+    assert "(+26%" in commands["serve"].format_help()
 
 
 def test_settings_table_in_the_docs_lists_exactly_the_fields():
@@ -113,3 +114,16 @@ def test_warmup_is_auto_off_or_a_list_of_sizes(monkeypatch):
                      ("512x512,big", "is not HxW")):
         with pytest.raises(SettingsError, match=f"FLOWIE_WARMUP.*{why}"):
             load_settings(warmup=bad)
+
+
+def test_torch_compile_is_off_on_all_or_a_list_of_stages(monkeypatch):
+    assert load_settings().torch_compile == "off" and torch_compile_stages("off") == ()
+    monkeypatch.setenv("FLOWIE_TORCH_COMPILE", "true")  # the setting was a bool before session 6
+    assert load_settings().torch_compile == "on"
+    assert torch_compile_stages("on") == ("flow_unet", "vae_decoder")
+    assert torch_compile_stages("all") == ("swinir", "cond_encoder", "flow_unet", "vae_decoder")
+    assert torch_compile_stages(" Flow_UNet, cond_encoder ") == ("flow_unet", "cond_encoder")
+    assert load_settings(torch_compile=False).torch_compile == "off"
+    assert load_settings(torch_compile="0").torch_compile == "off"
+    with pytest.raises(SettingsError, match=r"FLOWIE_TORCH_COMPILE.*unet is not a stage.*swinir, cond_encoder"):
+        load_settings(torch_compile="unet,vae_decoder")
