@@ -26,6 +26,10 @@ from flowie.rowstore import RowStore
 StageFn = Callable[..., torch.Tensor]
 STAGE_ORDER = ("swinir", "cond_encoder", "flow_unet", "vae_decoder")
 PIXEL_TILE, PIXEL_STRIDE = 512, 448  # official tiled inference: 512 px tiles, stride 448
+# Tiles per network call on CUDA (the service's FLOWIE_TILE_BATCH=0). Chosen from the H200's batch
+# scaling of 512x512 work (docs/PERF.md, session 6): per image, batch 8 ran 1.17x batch 4 end to
+# end; a row of 8 tiles covers images up to about 3,600 pixels wide in one call.
+CUDA_TILE_BATCH = 8
 # Smallest padded side we run: at 64 px the UNet bottom is 1x1, where GroupNorm degenerates.
 MIN_PADDED_SIDE = 128
 
@@ -91,6 +95,9 @@ class Pipeline:
         # sets both from a setting). Only tiled single images stream; see run_streamed.
         self.spill_dir = spill_dir
         self.spill_min_bytes = 0
+        # Tiles of a large image per network call (tiling.tiled_rows): 1 = one at a time, the
+        # least memory; more keeps a GPU busy (FLOWIE_TILE_BATCH sets it for the service).
+        self.tile_batch = 1
         self.null_context = null_context.to(self.device, torch.float32)
         self.sampler_config = dict(info.meta.get("sampler_config", {}))
         tiling_cfg = info.meta.get("tiling", {})
@@ -245,7 +252,8 @@ class Pipeline:
         with RowStore(3, h, w, spill) as restored:
             def swinir() -> None:
                 source = _Uint8Rows(work, self.device)
-                for top, rows in tiling.tiled_rows(self.stages["swinir"], [source], PIXEL_TILE, PIXEL_STRIDE):
+                for top, rows in tiling.tiled_rows(self.stages["swinir"], [source], PIXEL_TILE, PIXEL_STRIDE,
+                                                   tile_batch=self.tile_batch):
                     restored.write(top, rows)
                     del rows  # before the next tile row runs
 
@@ -255,7 +263,8 @@ class Pipeline:
                 return StreamedOutput(image=image, restored=image if keep_restored else None, latent=None,
                                       timings=timings)
             c_latent = self._timed("cond_encoder", timings, lambda: tiling.tiled_apply(
-                self.stages["cond_encoder"], [restored], PIXEL_TILE, PIXEL_STRIDE, scale=1 / 8))
+                self.stages["cond_encoder"], [restored], PIXEL_TILE, PIXEL_STRIDE, scale=1 / 8,
+                tile_batch=self.tile_batch))
             x_T = self._initial_noise((1, 4, h // 8, w // 8), None if seed is None else [seed], noise)
             velocity = self._velocity(c_latent, self.null_context.expand(1, -1, -1), tiled=True)
             latent = self._timed("flow_unet", timings, lambda: self._sample(velocity, x_T, p, on_step))
@@ -265,7 +274,7 @@ class Pipeline:
             def decoded_rows():
                 # The decoder's tile rows, timed apart from the colour fix that pulls them.
                 rows = tiling.tiled_rows(self.stages["vae_decoder"], [latent], self.decoder_tile,
-                                         self.decoder_stride, scale=8)
+                                         self.decoder_stride, scale=8, tile_batch=self.tile_batch)
                 while True:
                     start = time.perf_counter()
                     block = next(rows, None)
@@ -342,20 +351,27 @@ class Pipeline:
         def tiled_velocity(x, t):
             def per_tile(x_tile, c_tile):
                 n = x_tile.shape[0]
-                return unet(x_tile, t[:n], c_tile, context[:n])
+                if n == t.shape[0]:
+                    return unet(x_tile, t, c_tile, context[:n])
+                # tile_batch tiles stacked on the batch axis, each with the batch's N images
+                copies = n // t.shape[0]
+                return unet(x_tile, t.repeat(copies), c_tile, context.repeat(copies, 1, 1))
 
-            return tiling.tiled_apply(per_tile, [x, c_latent], self.latent_tile, self.latent_stride)
+            return tiling.tiled_apply(per_tile, [x, c_latent], self.latent_tile, self.latent_stride,
+                                      tile_batch=self.tile_batch)
 
         return tiled_velocity
 
     def _pixels_to_pixels(self, fn, x, tiled):
-        return tiling.tiled_apply(fn, [x], PIXEL_TILE, PIXEL_STRIDE) if tiled else fn(x)
+        return tiling.tiled_apply(fn, [x], PIXEL_TILE, PIXEL_STRIDE, tile_batch=self.tile_batch) if tiled else fn(x)
 
     def _pixels_to_latent(self, fn, x, tiled):
-        return tiling.tiled_apply(fn, [x], PIXEL_TILE, PIXEL_STRIDE, scale=1 / 8) if tiled else fn(x)
+        return (tiling.tiled_apply(fn, [x], PIXEL_TILE, PIXEL_STRIDE, scale=1 / 8, tile_batch=self.tile_batch)
+                if tiled else fn(x))
 
     def _latent_to_pixels(self, fn, z, tiled):
-        return tiling.tiled_apply(fn, [z], self.decoder_tile, self.decoder_stride, scale=8) if tiled else fn(z)
+        return (tiling.tiled_apply(fn, [z], self.decoder_tile, self.decoder_stride, scale=8, tile_batch=self.tile_batch)
+                if tiled else fn(z))
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

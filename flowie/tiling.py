@@ -145,7 +145,7 @@ def _as_source(x: torch.Tensor | RowSource) -> RowSource:
 
 def tiled_apply(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor | RowSource], tile: int, stride: int,
                 scale: float = 1.0, out_channels: int | None = None,
-                progress: ProgressFn | None = None) -> torch.Tensor:
+                progress: ProgressFn | None = None, tile_batch: int = 1) -> torch.Tensor:
     """Apply ``fn`` to overlapping tiles of ``inputs`` and blend the outputs.
 
     inputs:  NCHW tensors (or row sources) with the same H, W (e.g. x_t and c_latent); cut into
@@ -155,6 +155,9 @@ def tiled_apply(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor |
              1/8 for an encoder on pixels, 1 for the UNet or SwinIR.
     out_channels: if given, fn's channel count is checked against it.
     progress: called with (tiles done, tiles total) after each tile.
+    tile_batch: most batch rows per call of ``fn``: neighbouring tiles of a tile row go through
+             it together, stacked on the batch axis (tile j's N images at rows [j*N, (j+1)*N));
+             see :func:`tiled_rows`.
     Returns [N, C, H * scale, W * scale] in fn's output dtype.
 
     When one tile covers the input, returns ``fn(*inputs)`` itself (one call, no blending).
@@ -172,7 +175,7 @@ def tiled_apply(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor |
         # results for inputs that fit (tiled_rows yields fn's own output; no copy).
         return next(tiled_rows(fn, sources, tile, stride, scale, out_channels, progress))[1]
     result: torch.Tensor | None = None
-    for top, rows in tiled_rows(fn, sources, tile, stride, scale, out_channels, progress):
+    for top, rows in tiled_rows(fn, sources, tile, stride, scale, out_channels, progress, tile_batch):
         if result is None:
             result = torch.empty((rows.shape[0], rows.shape[1], _scaled(height, scale, "height"), rows.shape[3]),
                                  dtype=rows.dtype, device=rows.device)
@@ -184,7 +187,7 @@ def tiled_apply(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor |
 
 def tiled_rows(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor | RowSource], tile: int, stride: int,
                scale: float = 1.0, out_channels: int | None = None,
-               progress: ProgressFn | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+               progress: ProgressFn | None = None, tile_batch: int = 1) -> Iterator[tuple[int, torch.Tensor]]:
     """:func:`tiled_apply`, streamed: yields (first output row, finished rows), top to bottom.
 
     Rows are yielded as soon as no later tile overlaps them, so only one band of tile rows is
@@ -192,11 +195,21 @@ def tiled_rows(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor | 
     summed in the same order as a whole-image accumulator would sum them, so the rows are the
     same bits as :func:`tiled_apply`'s. Inputs are read one tile at a time (``read``), which lets
     a stage take its input from a :class:`flowie.rowstore.RowStore` rather than a tensor.
+
+    ``tile_batch`` > 1 runs neighbouring tiles of a tile row together in one call of ``fn``,
+    stacked on the batch axis, as many as keep the call's batch (tiles x N) within
+    ``tile_batch``, one tile at least: a GPU runs a tile at batch 1 far below its throughput
+    (the H200 ran the flow UNet 2.4x and SwinIR 1.6x faster per image at batch 4 than at 1). The
+    outputs are blended in the same order as one at a time; a network treats each batch row
+    alone, so only its kernels' batch-size-dependent rounding can differ. Working memory grows
+    with ``tile_batch``, never with the image.
     """
     if len(inputs) == 0:
         raise ValueError("tiled_rows needs at least one input")
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
+    if tile_batch < 1:
+        raise ValueError(f"tile_batch must be at least 1, got {tile_batch}")
     sources = [_as_source(x) for x in inputs]
     _check_inputs(sources)
     batch = sources[0].shape[0]
@@ -244,32 +257,41 @@ def tiled_rows(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor | 
             done_rows, band = band[:, :, : oy - band_top], None
             yield band_top, finish(done_rows, band_top)
             del done_rows
-        for x0, (left, right) in zip(starts_w, overlaps_w, strict=True):
+        row_tiles = list(zip(starts_w, overlaps_w, strict=True))
+        per_call = max(1, tile_batch // batch)
+        for first in range(0, len(row_tiles), per_call):
+            group = row_tiles[first:first + per_call]
             # Read tile by tile, as contiguous copies: engines (ONNX Runtime, TensorRT) need dense
-            # tensors, and nothing wider than a tile is read or converted.
-            tiles = [s.read(y0, y0 + tile_h, x0, x0 + tile_w).contiguous() for s in sources]
-            out = fn(*tiles)
-            _check_out(out, batch, out_tile_h, out_tile_w, out_channels)
-            if out_dtype is None:
-                out_dtype = out.dtype
-            if band is None:
-                # Start this tile row's band, with the rows the previous band shares with it.
-                acc_dtype = torch.float32 if out.dtype in (torch.float16, torch.bfloat16) else out.dtype
-                band = torch.zeros((out.shape[0], out.shape[1], out_tile_h, out_w), dtype=acc_dtype, device=out.device)
-                if carry is not None:
-                    band[:, :, : carry.shape[2]] = carry
-                band_top, carry = oy, None
-            ramp = (_scaled(top, scale, "tile overlap"), _scaled(bottom, scale, "tile overlap"),
-                    _scaled(left, scale, "tile overlap"), _scaled(right, scale, "tile overlap"))
-            if ramp not in weights:
-                # Only a handful of distinct ramps exist (border, interior, last tile), so cache.
-                weights[ramp] = blend_weights(out_tile_h, out_tile_w, band.dtype, band.device, ramp=ramp)
-            ox = _scaled(x0, scale, "tile start")
-            band[:, :, :, ox:ox + out_tile_w].addcmul_(out.to(band.dtype), weights[ramp])
-            del out, tiles
-            done += 1
-            if progress is not None:
-                progress(done, total)
+            # tensors, and nothing wider than a tile (or a group of them) is read or converted.
+            tiles = [[s.read(y0, y0 + tile_h, x0, x0 + tile_w).contiguous() for x0, _ in group] for s in sources]
+            stacked = [per_source[0] if len(group) == 1 else torch.cat(per_source) for per_source in tiles]
+            del tiles
+            outs = fn(*stacked)
+            del stacked
+            _check_out(outs, batch * len(group), out_tile_h, out_tile_w, out_channels)
+            for j, (x0, (left, right)) in enumerate(group):
+                out = outs if len(group) == 1 else outs[j * batch:(j + 1) * batch]
+                if out_dtype is None:
+                    out_dtype = out.dtype
+                if band is None:
+                    # Start this tile row's band, with the rows the previous band shares with it.
+                    acc_dtype = torch.float32 if out.dtype in (torch.float16, torch.bfloat16) else out.dtype
+                    band = torch.zeros((batch, out.shape[1], out_tile_h, out_w), dtype=acc_dtype, device=out.device)
+                    if carry is not None:
+                        band[:, :, : carry.shape[2]] = carry
+                    band_top, carry = oy, None
+                ramp = (_scaled(top, scale, "tile overlap"), _scaled(bottom, scale, "tile overlap"),
+                        _scaled(left, scale, "tile overlap"), _scaled(right, scale, "tile overlap"))
+                if ramp not in weights:
+                    # Only a handful of distinct ramps exist (border, interior, last tile), so cache.
+                    weights[ramp] = blend_weights(out_tile_h, out_tile_w, band.dtype, band.device, ramp=ramp)
+                ox = _scaled(x0, scale, "tile start")
+                band[:, :, :, ox:ox + out_tile_w].addcmul_(out.to(band.dtype), weights[ramp])
+                del out
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+            del outs
     assert band is not None and band_top + band.shape[2] == out_h
     yield band_top, finish(band, band_top)
 

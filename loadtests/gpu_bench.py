@@ -1061,13 +1061,15 @@ class Bench:
         The serving pipeline itself (flowie.pipeline.Pipeline, eager, tiles on, one step, wavelet fix)
         on these networks: ``run_streamed`` (what ``enhance`` runs for a lone large image: the card
         holds tiles, bands and latents; image-sized buffers live in host RAM) and, for comparison,
-        ``run_batch`` (float32 images on the device). Memory is ``max_memory_allocated`` above what
-        was allocated before the call (weights and the input), per size and path.
+        ``run_batch`` (float32 images on the device). The streamed path runs twice: one tile per
+        network call, and the service's CUDA default of tiles per call (``CUDA_TILE_BATCH``; 2 on a
+        CPU, to check the path). Memory is ``max_memory_allocated`` above what was allocated before
+        the call (weights and the input), per size and path.
         """
         from flowie.convert import model_meta
         from flowie.modeldir import ModelInfo
         from flowie.params import EnhanceParams
-        from flowie.pipeline import Pipeline
+        from flowie.pipeline import CUDA_TILE_BATCH, Pipeline
 
         a = self.args
         mods = self.modules_for(dtype, False)
@@ -1089,7 +1091,15 @@ class Bench:
         h0, w0 = a.scaling_sizes[0]
         t0 = time.perf_counter()
         warm = work_image(h0, w0)
-        pipe.run_streamed(warm, params, seed=0)
+        # Tiles per network call: one at a time, and the service's CUDA default (FLOWIE_TILE_BATCH).
+        tiles_per_call = CUDA_TILE_BATCH if self.cuda else 2
+        paths = {"streamed": (1, "streamed"), f"streamed_tiles{tiles_per_call}": (tiles_per_call, "streamed"),
+                 "batch": (1, "batch")}
+        rec["tile_batches"] = {name: n for name, (n, _) in paths.items()}
+        for n in (1, tiles_per_call):
+            pipe.tile_batch = n
+            pipe.run_streamed(warm, params, seed=0)
+        pipe.tile_batch = 1
         pipe.run_batch(torch.from_numpy(warm).permute(2, 0, 1)[None].float().div_(255).to(self.device), params, seeds=[0])
         self.sync()
         rec["warmup_s"] = round(time.perf_counter() - t0, 3)
@@ -1097,17 +1107,18 @@ class Bench:
         for h, w in a.scaling_sizes:
             work = work_image(h, w)
             row: dict = {"h": h, "w": w, "megapixels": h * w / 1e6}
-            for path in ("streamed", "batch"):
+            for path, (tile_batch, kind) in paths.items():
                 if self.remaining() < 20:
                     row[path] = {"skipped": "budget"}
                     continue
+                pipe.tile_batch = tile_batch
                 if self.cuda:
                     torch.cuda.synchronize(self.device)
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(self.device)
                     before = torch.cuda.memory_allocated(self.device)
                 t0 = time.perf_counter()
-                if path == "streamed":
+                if kind == "streamed":
                     out = pipe.run_streamed(work, params, seed=0)
                     timings = out.timings
                     del out
@@ -1558,7 +1569,10 @@ class Bench:
                 return f"{f(e.get('s'), '.2f')} s" + (f"/{e['peak_mib']:.0f} MiB" if "peak_mib" in e else "")
 
             lines.append(f"scaling ({scaling.get('dtype')}, one step, tiles): " + "; ".join(
-                f"{r['megapixels']:.2g} MP streamed {cell(r, 'streamed')}, batch {cell(r, 'batch')}" for r in scaling["rows"])
+                f"{r['megapixels']:.2g} MP streamed {cell(r, 'streamed')}, "
+                + "".join(f"{name.removeprefix('streamed_')} per call {cell(r, name)}, "
+                          for name in scaling.get("tile_batches", {}) if name.startswith("streamed_"))
+                + f"batch {cell(r, 'batch')}" for r in scaling["rows"])
                 + (f"; streamed peak last/previous {scaling['streamed_peak_ratio_last_two']:.2f}x (goal <= 1.2)"
                    if "streamed_peak_ratio_last_two" in scaling else ""))
         for service in (self.data.get("service", {}), self.data.get("service_compile", {})):

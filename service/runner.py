@@ -43,8 +43,9 @@ class PipelineRunner:
 
     def __init__(self, model_dirs: list[Path], *, device: str = "cpu", dtype: str = "auto",
                  backend: str = "torch", cuda_graphs: bool = True, torch_compile: str = "off",
-                 cudnn_benchmark: bool = True, spill_dir: str = "auto") -> None:
+                 cudnn_benchmark: bool = True, spill_dir: str = "auto", tile_batch: int = 0) -> None:
         from engines import build_pipeline  # torch: the worker side only
+        from flowie.pipeline import CUDA_TILE_BATCH
         from flowie.rowstore import spill_policy
 
         try:
@@ -66,6 +67,7 @@ class PipelineRunner:
             # torch modules, onnxruntime sessions or TensorRT plans (`flowie export` / `build-engines`)
             pipe = build_pipeline(model_dir, backend=backend, device=device, dtype=dtype, **options)
             pipe.spill_dir, pipe.spill_min_bytes = spill_to, spill_min_bytes  # where a large image's SwinIR output waits
+            pipe.tile_batch = tile_batch or (CUDA_TILE_BATCH if on_cuda else 1)  # FLOWIE_TILE_BATCH
             task = pipe.info.task
             if task in self.pipelines:
                 raise ValueError(f"two model directories serve task {task!r}: "

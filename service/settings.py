@@ -164,6 +164,13 @@ class Settings(BaseSettings):
         "per batch-shape family; docs/PERF.md); all (SwinIR adds about 160 s); or a comma list of swinir, "
         "cond_encoder, flow_unet, vae_decoder",
     )
+    tile_batch: int = Field(
+        0, ge=0, le=64,
+        description="tiles of a large (tiled) image that go through a network in one call, stacked on the batch axis "
+        "(times the images of the batch): 0 = auto, 8 on CUDA (a tile at batch 1 leaves a GPU mostly idle: the H200 ran "
+        "the flow UNet 2.4x faster per image at batch 4 than at 1) and 1 on the CPU; working memory grows with it, "
+        "not with the image",
+    )
     spill_dir: str = Field(
         "auto",
         description="where the worker keeps the SwinIR output of a large (tiled) image while the flow and the "

@@ -170,9 +170,10 @@ def test_tiny_run_measures_the_pipeline_against_image_size(tiny_run):
     assert sections["scaling"]["status"] == "done", sections["scaling"]
     rows = data["scaling"]["rows"]
     assert data["scaling"]["warmup_s"] > 0  # first-call costs stay out of the first timed row
+    assert data["scaling"]["tile_batches"] == {"streamed": 1, "streamed_tiles2": 2, "batch": 1}
     assert [(r["h"], r["w"]) for r in rows] == [(576, 64), (1088, 64)]
     for row in rows:
-        for path in ("streamed", "batch"):
+        for path in ("streamed", "streamed_tiles2", "batch"):
             assert row[path]["s"] > 0 and row[path]["stages_s"]["vae_decoder"] > 0, row
             assert "peak_mib" not in row[path]  # device memory is read on CUDA only
     assert "scaling (float32, one step, tiles)" in (out / "gpu_bench_table.txt").read_text()

@@ -289,3 +289,39 @@ def test_enhance_can_skip_the_stage_one_image_without_changing_the_result(small_
     assert kept.restored is not None and kept.restored.shape == (*hw, 3)
     assert skipped.restored is None
     assert np.array_equal(skipped.image, kept.image)
+
+
+@pytest.fixture()
+def batched_tiles(small_tile_pipe):
+    small_tile_pipe.tile_batch = 4
+    yield small_tile_pipe
+    small_tile_pipe.tile_batch = 1
+
+
+def test_tiles_batched_per_call_give_the_result_of_one_at_a_time(small_tile_pipe):
+    """Two tiled images (N = 2) with tile_batch 4: two tiles per call in every stage, and the flow
+    UNet's time and context repeated per stacked tile. Same images as one tile per call, up to the
+    kernels' batch-size rounding."""
+    params = EnhanceParams(sampler="mean_value", color_fix="wavelet", upscale=1.0, min_side=0, tile="auto")
+    lq = imageops.images_to_tensor([_image(128, 256, 1), _image(128, 256, 2)])
+    one = small_tile_pipe.run_batch(lq, params, seeds=[3, 4])
+    seen: list[int] = []
+    unet = small_tile_pipe.stages["flow_unet"]
+    small_tile_pipe.stages["flow_unet"] = lambda *xs: seen.append(xs[0].shape[0]) or unet(*xs)
+    small_tile_pipe.tile_batch = 4
+    try:
+        batched = small_tile_pipe.run_batch(lq, params, seeds=[3, 4])
+    finally:
+        small_tile_pipe.tile_batch, small_tile_pipe.stages["flow_unet"] = 1, unet
+    assert 4 in seen and max(seen) == 4
+    torch.testing.assert_close(batched.image, one.image, rtol=0, atol=1e-4)
+    torch.testing.assert_close(batched.latent, one.latent, rtol=0, atol=1e-4)
+
+
+def test_run_streamed_gives_the_bits_of_run_batch_with_tiles_batched(batched_tiles):
+    work = _image(576, 128)
+    params = EnhanceParams(sampler="mean_value", color_fix="wavelet", upscale=1.0, min_side=0, tile="auto")
+    reference = batched_tiles.run_batch(imageops.images_to_tensor([work]), params, seeds=[9])
+    streamed = batched_tiles.run_streamed(work, params, seed=9, keep_restored=True)
+    assert np.array_equal(streamed.image, imageops.tensor_to_uint8(reference.image)[0])
+    assert torch.equal(streamed.latent, reference.latent)

@@ -339,3 +339,54 @@ def test_tiled_apply_equals_blending_with_the_two_d_weight_sum(fn, hw, tile, str
     reference = acc / _two_d_weight_sum(*hw, tile, stride, scale, torch.float32)
     torch.testing.assert_close(tiled_apply(fn, [x], tile=tile, stride=stride, scale=scale), reference,
                                rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- tiles batched per call
+
+
+def _recording(fn, calls: list[int]):
+    def wrapped(*xs):
+        calls.append(xs[0].shape[0])
+        return fn(*xs)
+    return wrapped
+
+
+def test_tile_batch_stacks_a_rows_tiles_and_blends_them_to_the_same_result():
+    """A 2-image input with 5 x 5 tiles: tile_batch 6 runs 3 tiles (6 batch rows) per call, so
+    each tile row takes calls of 6, 4 (3 + 2 tiles x 2 images) and the result is the one of one
+    tile per call. The fn is a 3x3 convolution, which sees each batch row alone."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 40, 40)
+    one, batched = [], []
+    with torch.no_grad():
+        expected = tiled_apply(_recording(conv, one), [x], tile=16, stride=6)
+        got = tiled_apply(_recording(conv, batched), [x], tile=16, stride=6, tile_batch=6)
+    assert len(tiling.tile_starts(40, 16, 6)) == 5
+    assert one == [2] * 25
+    assert batched == [6, 4] * 5
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_tile_batch_keeps_a_pointwise_result_exact_and_never_splits_an_image():
+    """tile_batch below the image count still runs whole tiles (all N images of one tile); a
+    pointwise fn gives the exact bits of one tile at a time."""
+    x = torch.rand(3, 2, 30, 30)
+    calls: list[int] = []
+    expected = tiled_apply(lambda t: t * 3 + 1, [x], tile=12, stride=9)
+    got = tiled_apply(_recording(lambda t: t * 3 + 1, calls), [x], tile=12, stride=9, tile_batch=2)
+    assert set(calls) == {3}
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="tile_batch"):
+        tiled_apply(lambda t: t, [x], tile=12, stride=9, tile_batch=0)
+
+
+def test_tile_batch_streams_the_same_rows_with_several_inputs():
+    """tiled_rows with two inputs (the flow UNet's x_t and c_latent) stacks both the same way."""
+    x, c = torch.rand(1, 2, 24, 40), torch.rand(1, 2, 24, 40)
+    fn = lambda a, b: a * 2 - b  # noqa: E731
+    one = list(tiling.tiled_rows(fn, [x, c], tile=8, stride=6))
+    four = list(tiling.tiled_rows(fn, [x, c], tile=8, stride=6, tile_batch=4))
+    assert [top for top, _ in one] == [top for top, _ in four]
+    for (_, a), (_, b) in zip(one, four, strict=True):
+        assert torch.equal(a, b)

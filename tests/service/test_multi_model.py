@@ -58,3 +58,10 @@ def test_the_runner_compiles_the_stages_flowie_torch_compile_names(tiny_model_di
     assert compiled("on") == {"flow_unet", "vae_decoder"}
     assert compiled("off") == set()
     assert compiled("swinir") == {"swinir"}
+
+
+def test_the_runner_sets_the_tiles_per_call_flowie_tile_batch_names(tiny_model_dir):
+    from service.runner import PipelineRunner
+
+    assert PipelineRunner([tiny_model_dir]).pipelines["bfr"].tile_batch == 1  # auto on the CPU
+    assert PipelineRunner([tiny_model_dir], tile_batch=3).pipelines["bfr"].tile_batch == 3
