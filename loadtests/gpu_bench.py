@@ -1066,6 +1066,7 @@ class Bench:
         CPU, to check the path). Memory is ``max_memory_allocated`` above what was allocated before
         the call (weights and the input), per size and path.
         """
+        from flowie import imageops
         from flowie.convert import model_meta
         from flowie.modeldir import ModelInfo
         from flowie.params import EnhanceParams
@@ -1100,7 +1101,7 @@ class Bench:
             pipe.tile_batch = n
             pipe.run_streamed(warm, params, seed=0)
         pipe.tile_batch = 1
-        pipe.run_batch(torch.from_numpy(warm).permute(2, 0, 1)[None].float().div_(255).to(self.device), params, seeds=[0])
+        pipe.run_batch(imageops.images_to_tensor([warm], self.device), params, seeds=[0])
         self.sync()
         rec["warmup_s"] = round(time.perf_counter() - t0, 3)
         log(f"scaling warm-up at {h0}x{w0}: {rec['warmup_s']:.2f} s")
@@ -1123,7 +1124,7 @@ class Bench:
                     timings = out.timings
                     del out
                 else:
-                    lq = torch.from_numpy(work).permute(2, 0, 1)[None].float().div_(255).to(self.device)
+                    lq = imageops.images_to_tensor([work], self.device)  # the pipeline's own conversion
                     if self.cuda:
                         before = torch.cuda.memory_allocated(self.device)  # the float input is the baseline
                     out = pipe.run_batch(lq, params, seeds=[0])
