@@ -27,7 +27,7 @@ _ALIASES = {"torch": "torch", "pytorch": "torch", "eager": "torch", "onnx": "onn
 
 # Per back end: the options build_pipeline accepts (passed to every stage's engine).
 OPTIONS: dict[str, tuple[str, ...]] = {
-    "torch": ("compile", "compile_stages", "cuda_graphs", "cudnn_benchmark"),
+    "torch": ("compile", "compile_stages", "cuda_graphs", "cudnn_benchmark", "channels_last"),
     "onnx": ("providers", "intra_op_threads", "inter_op_threads", "trt_ep_fp16", "trt_ep_cache"),
     "tensorrt": ("plan_dir",),
 }
@@ -40,7 +40,7 @@ _LAZY = {
 }
 
 __all__ = ["BACKENDS", "EngineError", "ShapeError", "StaleArtifactError", "build_pipeline", "build_engines",
-           "normalise_backend", *_LAZY]
+           "channels_last_stages", "normalise_backend", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
@@ -80,9 +80,10 @@ def build_engines(model_dir: str | Path, backend: str | None = "torch", device: 
 
         compile_mode = options.pop("compile", False)
         compiled = _compile_stages(options.pop("compile_stages", None))
+        nhwc = channels_last_stages(options.pop("channels_last", "auto"), dev)
         return {s: TorchEngine.from_model(info, s, dev, precision,
                                           compile=compile_mode if compiled is None or s in compiled else False,
-                                          **options)
+                                          channels_last=s in nhwc, **options)
                 for s in wanted}
     if name == "onnx":
         return {s: _ort_engine(info, s, dev, precision, **options) for s in wanted}
@@ -114,6 +115,31 @@ def _compile_stages(stages) -> frozenset[str] | None:
     return frozenset(stages)
 
 
+def channels_last_stages(option, device) -> frozenset[str]:
+    """The torch back end's ``channels_last`` option -> the stages kept in NHWC memory format.
+
+    "auto" (or None): on the CPU the convolution-heavy stages (flowie.stages.CHANNELS_LAST_CPU_STAGES,
+    measured faster there), on CUDA none (measured slower with fp16); True: every stage; False:
+    none; else an iterable of stage names (checked).
+    """
+    from flowie.stages import CHANNELS_LAST_CPU_STAGES, STAGES
+
+    if option is None or option == "auto":
+        return frozenset(CHANNELS_LAST_CPU_STAGES) if _device_type(device) == "cpu" else frozenset()
+    if isinstance(option, bool):
+        return frozenset(STAGES) if option else frozenset()
+    if isinstance(option, str):
+        raise EngineError(f"channels_last: {option!r} is not 'auto', a bool or a list of stages")
+    unknown = sorted(set(option) - set(STAGES))
+    if unknown:
+        raise EngineError(f"channels_last: unknown stage(s) {unknown}; the stages are {list(STAGES)}")
+    return frozenset(option)
+
+
+def _device_type(device) -> str:
+    return device.type if hasattr(device, "type") else str(device).split(":")[0]
+
+
 def build_pipeline(model_dir: str | Path, backend: str | None = "torch", device: str = "cpu",
                    dtype: str = "float32", **options) -> Pipeline:
     """A :class:`flowie.pipeline.Pipeline` whose four stages run on ``backend``.
@@ -125,7 +151,9 @@ def build_pipeline(model_dir: str | Path, backend: str | None = "torch", device:
 
     options, per back end:
       torch:    compile (bool or torch.compile mode), compile_stages (the stages it applies to;
-                default every stage), cuda_graphs (bool, CUDA only), cudnn_benchmark (bool, CUDA only)
+                default every stage), cuda_graphs (bool, CUDA only), cudnn_benchmark (bool, CUDA only),
+                channels_last ("auto": the convolution-heavy stages on the CPU, none on CUDA; a bool;
+                or the stages it applies to)
       onnx:     intra_op_threads, inter_op_threads (0 = onnxruntime's choice), providers
                 (explicit list), trt_ep_fp16 (bool), trt_ep_cache (bool, default True)
       tensorrt: plan_dir (default: <model>/trt/<gpu>-trt<version>, checked against meta.json)

@@ -11,6 +11,9 @@ not what the references were made with). Both speed-ups are off unless asked for
 - ``cudnn_benchmark``: let cuDNN time its convolution algorithms once per new input shape and
   keep the fastest (``torch.backends.cudnn.benchmark``; a process-wide flag, CUDA only). The
   first call per shape is slower. The H200 numbers of docs/PERF.md were measured with it on.
+- ``channels_last``: keep the weights, and so the activations, in NHWC memory format. oneDNN's
+  CPU convolutions are faster that way (docs/PERF.md, session 7); outputs are returned in the
+  usual NCHW layout. The numbers differ from NCHW's only by float32 rounding.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ class TorchEngine(Engine):
 
     def __init__(self, module: nn.Module, spec: StageSpec, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, compile: bool | str = False, cuda_graphs: bool = False,
-                 cudnn_benchmark: bool = False):
+                 cudnn_benchmark: bool = False, channels_last: bool = False):
         self.spec = spec
         self.device = torch.device(device)
         self.precision = dtype
@@ -50,6 +53,11 @@ class TorchEngine(Engine):
             torch.backends.cudnn.benchmark = True  # process-wide: every engine of this process shares it
         self.cudnn_benchmark = bool(cudnn_benchmark)
         self.module = module.to(self.device, dtype).eval().requires_grad_(False)
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            # 4-D weights only; a convolution whose weight is NHWC gives an NHWC output, so the
+            # activations follow and the inputs need no conversion of their own.
+            self.module.to(memory_format=torch.channels_last)
         self.compile_mode = mode
         self._forward = torch.compile(self.module, mode=mode, dynamic=None) if mode else self.module
         self._graphs: _GraphCache | None = _GraphCache(self._forward, self.device) if cuda_graphs else None
@@ -65,13 +73,15 @@ class TorchEngine(Engine):
 
     def describe(self) -> dict:
         return {**super().describe(), "compile": self.compile_mode, "cuda_graphs": self._graphs is not None,
-                "cudnn_benchmark": self.cudnn_benchmark}
+                "cudnn_benchmark": self.cudnn_benchmark, "channels_last": self.channels_last}
 
     @torch.inference_mode()
     def run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         inputs = self.prepare_inputs(feed)
         args = [inputs[name] for name in self.spec.input_names]
         out = self._graphs(args) if self._graphs is not None else self._forward(*args)
+        if self.channels_last:
+            out = out.contiguous()  # the stage contract's NCHW, for the tiling and colour-fix code after it
         return {self.spec.output_names[0]: out}
 
 

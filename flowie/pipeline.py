@@ -30,6 +30,11 @@ PIXEL_TILE, PIXEL_STRIDE = 512, 448  # official tiled inference: 512 px tiles, s
 # scaling of 512x512 work (docs/PERF.md, session 6): per image, batch 8 ran 1.17x batch 4 end to
 # end; a row of 8 tiles covers images up to about 3,600 pixels wide in one call.
 CUDA_TILE_BATCH = 8
+# On the CPU, tiles per call fill a call up to the area of one official tile (512 x 512 pixels;
+# FLOWIE_TILE_BATCH=0). Official-size tiles stay one per call, as the CPU memory record was
+# measured; a model with smaller tiles stops paying a call's overhead per small tile: the demo's
+# flow UNet, in 128-pixel tiles, ran 4x faster with 16 per call on 2 cores (docs/PERF.md, session 7).
+CPU_TILE_AREA = PIXEL_TILE * PIXEL_TILE
 # Smallest padded side we run: at 64 px the UNet bottom is 1x1, where GroupNorm degenerates.
 MIN_PADDED_SIDE = 128
 
@@ -95,9 +100,10 @@ class Pipeline:
         # sets both from a setting). Only tiled single images stream; see run_streamed.
         self.spill_dir = spill_dir
         self.spill_min_bytes = 0
-        # Tiles of a large image per network call (tiling.tiled_rows): 1 = one at a time, the
-        # least memory; more keeps a GPU busy (FLOWIE_TILE_BATCH sets it for the service).
-        self.tile_batch = 1
+        # Batch rows (tiles x images) of a large image per network call (tiling.tiled_rows): 1 = one
+        # tile at a time, the least memory; more keeps a GPU busy; 0 = by device, see
+        # tiles_per_call (FLOWIE_TILE_BATCH sets it for the service).
+        self.tile_batch = 0
         self.null_context = null_context.to(self.device, torch.float32)
         self.sampler_config = dict(info.meta.get("sampler_config", {}))
         tiling_cfg = info.meta.get("tiling", {})
@@ -253,7 +259,7 @@ class Pipeline:
             def swinir() -> None:
                 source = _Uint8Rows(work, self.device)
                 for top, rows in tiling.tiled_rows(self.stages["swinir"], [source], PIXEL_TILE, PIXEL_STRIDE,
-                                                   tile_batch=self.tile_batch):
+                                                   tile_batch=self.tiles_per_call(PIXEL_TILE)):
                     restored.write(top, rows)
                     del rows  # before the next tile row runs
 
@@ -264,7 +270,7 @@ class Pipeline:
                                       timings=timings)
             c_latent = self._timed("cond_encoder", timings, lambda: tiling.tiled_apply(
                 self.stages["cond_encoder"], [restored], PIXEL_TILE, PIXEL_STRIDE, scale=1 / 8,
-                tile_batch=self.tile_batch))
+                tile_batch=self.tiles_per_call(PIXEL_TILE)))
             x_T = self._initial_noise((1, 4, h // 8, w // 8), None if seed is None else [seed], noise)
             velocity = self._velocity(c_latent, self.null_context.expand(1, -1, -1), tiled=True)
             latent = self._timed("flow_unet", timings, lambda: self._sample(velocity, x_T, p, on_step))
@@ -274,7 +280,8 @@ class Pipeline:
             def decoded_rows():
                 # The decoder's tile rows, timed apart from the colour fix that pulls them.
                 rows = tiling.tiled_rows(self.stages["vae_decoder"], [latent], self.decoder_tile,
-                                         self.decoder_stride, scale=8, tile_batch=self.tile_batch)
+                                         self.decoder_stride, scale=8,
+                                         tile_batch=self.tiles_per_call(self.decoder_tile * 8))
                 while True:
                     start = time.perf_counter()
                     block = next(rows, None)
@@ -358,20 +365,32 @@ class Pipeline:
                 return unet(x_tile, t.repeat(copies), c_tile, context.repeat(copies, 1, 1))
 
             return tiling.tiled_apply(per_tile, [x, c_latent], self.latent_tile, self.latent_stride,
-                                      tile_batch=self.tile_batch)
+                                      tile_batch=self.tiles_per_call(self.latent_tile * 8))
 
         return tiled_velocity
 
     def _pixels_to_pixels(self, fn, x, tiled):
-        return tiling.tiled_apply(fn, [x], PIXEL_TILE, PIXEL_STRIDE, tile_batch=self.tile_batch) if tiled else fn(x)
+        return (tiling.tiled_apply(fn, [x], PIXEL_TILE, PIXEL_STRIDE, tile_batch=self.tiles_per_call(PIXEL_TILE))
+                if tiled else fn(x))
 
     def _pixels_to_latent(self, fn, x, tiled):
-        return (tiling.tiled_apply(fn, [x], PIXEL_TILE, PIXEL_STRIDE, scale=1 / 8, tile_batch=self.tile_batch)
+        return (tiling.tiled_apply(fn, [x], PIXEL_TILE, PIXEL_STRIDE, scale=1 / 8,
+                                   tile_batch=self.tiles_per_call(PIXEL_TILE))
                 if tiled else fn(x))
 
     def _latent_to_pixels(self, fn, z, tiled):
-        return (tiling.tiled_apply(fn, [z], self.decoder_tile, self.decoder_stride, scale=8, tile_batch=self.tile_batch)
+        return (tiling.tiled_apply(fn, [z], self.decoder_tile, self.decoder_stride, scale=8,
+                                   tile_batch=self.tiles_per_call(self.decoder_tile * 8))
                 if tiled else fn(z))
+
+    def tiles_per_call(self, tile_px: int) -> int:
+        """Batch rows per network call for tiles of ``tile_px`` image pixels a side (``tile_batch``,
+        or by device when it is 0: CUDA_TILE_BATCH on CUDA, up to CPU_TILE_AREA on the CPU)."""
+        if self.tile_batch:
+            return self.tile_batch
+        if self.device.type == "cuda":
+            return CUDA_TILE_BATCH
+        return max(1, CPU_TILE_AREA // (tile_px * tile_px))
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

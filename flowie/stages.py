@@ -126,3 +126,11 @@ STAGE_NAMES: tuple[str, ...] = tuple(STAGES)
 # 100-160 s of compile; SwinIR's 48 Swin blocks alone took 160 s to compile, for a stage that is
 # 15 % of the time.
 COMPILE_ON_STAGES: tuple[str, ...] = (FLOW_UNET.name, VAE_DECODER.name)
+
+# The stages the torch back end runs in channels-last (NHWC) memory format on the CPU
+# (FLOWIE_CHANNELS_LAST=auto). On the project's 2-core VM (docs/PERF.md, session 7) oneDNN's
+# NHWC convolutions ran SwinIR 1.2-1.4x, the cond encoder 1.1-1.35x and the VAE decoder
+# 1.1-1.3x faster than NCHW, on the demo, the tiny reference model and the full-size networks;
+# the flow UNet gained nothing on the demo and tiny models (0.95-1.06x; the full-size one was not timed).
+# On CUDA nothing is: channels_last cost 12 % at batch 16 with fp16 on an H200 (session 1).
+CHANNELS_LAST_CPU_STAGES: tuple[str, ...] = (SWINIR.name, COND_ENCODER.name, VAE_DECODER.name)

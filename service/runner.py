@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from flowie.params import EnhanceParams
-from service.settings import torch_compile_stages
+from service.settings import channels_last_stages, torch_compile_stages
 
 log = logging.getLogger("flowie.service.runner")
 
@@ -43,9 +43,9 @@ class PipelineRunner:
 
     def __init__(self, model_dirs: list[Path], *, device: str = "cpu", dtype: str = "auto",
                  backend: str = "torch", cuda_graphs: bool = True, torch_compile: str = "off",
-                 cudnn_benchmark: bool = True, spill_dir: str = "auto", tile_batch: int = 0) -> None:
+                 cudnn_benchmark: bool = True, channels_last: str = "auto", spill_dir: str = "auto",
+                 tile_batch: int = 0) -> None:
         from engines import build_pipeline  # torch: the worker side only
-        from flowie.pipeline import CUDA_TILE_BATCH
         from flowie.rowstore import spill_policy
 
         try:
@@ -60,14 +60,16 @@ class PipelineRunner:
         options: dict[str, Any] = {}
         if backend == "torch":
             compiled = torch_compile_stages(torch_compile)  # FLOWIE_TORCH_COMPILE
+            nhwc = channels_last_stages(channels_last)  # FLOWIE_CHANNELS_LAST; None = auto, by device
             options = {"cuda_graphs": bool(cuda_graphs and on_cuda), "compile": bool(compiled),
-                       "compile_stages": compiled or None, "cudnn_benchmark": bool(cudnn_benchmark and on_cuda)}
+                       "compile_stages": compiled or None, "cudnn_benchmark": bool(cudnn_benchmark and on_cuda),
+                       "channels_last": "auto" if nhwc is None else nhwc}
         self.pipelines: dict[str, Any] = {}
         for model_dir in model_dirs:
             # torch modules, onnxruntime sessions or TensorRT plans (`flowie export` / `build-engines`)
             pipe = build_pipeline(model_dir, backend=backend, device=device, dtype=dtype, **options)
             pipe.spill_dir, pipe.spill_min_bytes = spill_to, spill_min_bytes  # where a large image's SwinIR output waits
-            pipe.tile_batch = tile_batch or (CUDA_TILE_BATCH if on_cuda else 1)  # FLOWIE_TILE_BATCH
+            pipe.tile_batch = tile_batch  # FLOWIE_TILE_BATCH; 0 = by device (Pipeline.tiles_per_call)
             task = pipe.info.task
             if task in self.pipelines:
                 raise ValueError(f"two model directories serve task {task!r}: "

@@ -54,23 +54,39 @@ _COMPILE_OFF = ("off", "false", "0", "no", "")
 _COMPILE_ON = ("on", "true", "1", "yes")
 
 
-def torch_compile_stages(value: str) -> tuple[str, ...]:
-    """FLOWIE_TORCH_COMPILE -> the stages to compile (empty: none); ValueError saying what is wrong."""
-    from flowie.stages import COMPILE_ON_STAGES, STAGES  # light: no torch
+def _stage_list(variable: str, value: str, on: tuple[str, ...], words: str = "off, on, all") -> tuple[str, ...]:
+    """off | on (= ``on``) | all | a comma list of stages -> the stages; ValueError saying what is wrong."""
+    from flowie.stages import STAGES  # light: no torch
 
     value = value.strip().lower()
     if value in _COMPILE_OFF:
         return ()
     if value in _COMPILE_ON:
-        return COMPILE_ON_STAGES
+        return on
     if value == "all":
         return tuple(STAGES)
     stages = tuple(part.strip() for part in value.split(",") if part.strip())
     unknown = [name for name in stages if name not in STAGES]
     if unknown or not stages:
-        raise ValueError(f"FLOWIE_TORCH_COMPILE: {', '.join(unknown) or repr(value)} is not a stage; use off, on, all "
+        raise ValueError(f"{variable}: {', '.join(unknown) or repr(value)} is not a stage; use {words} "
                          f"or a comma list of {', '.join(STAGES)}")
     return stages
+
+
+def torch_compile_stages(value: str) -> tuple[str, ...]:
+    """FLOWIE_TORCH_COMPILE -> the stages to compile (empty: none); ValueError saying what is wrong."""
+    from flowie.stages import COMPILE_ON_STAGES
+
+    return _stage_list("FLOWIE_TORCH_COMPILE", value, COMPILE_ON_STAGES)
+
+
+def channels_last_stages(value: str) -> tuple[str, ...] | None:
+    """FLOWIE_CHANNELS_LAST -> the stages kept in NHWC memory format, or None for auto (by device)."""
+    from flowie.stages import CHANNELS_LAST_CPU_STAGES
+
+    if value.strip().lower() == "auto":
+        return None
+    return _stage_list("FLOWIE_CHANNELS_LAST", value, CHANNELS_LAST_CPU_STAGES, words="auto, off, on, all")
 
 
 class Settings(BaseSettings):
@@ -164,12 +180,20 @@ class Settings(BaseSettings):
         "per batch-shape family; docs/PERF.md); all (SwinIR adds about 160 s); or a comma list of swinir, "
         "cond_encoder, flow_unet, vae_decoder",
     )
+    channels_last: str = Field(
+        "auto",
+        description="torch back end: stages whose weights and activations are kept in channels-last (NHWC) memory "
+        "format: auto = on the CPU SwinIR, the cond encoder and the VAE decoder (oneDNN's NHWC convolutions ran them "
+        "1.1-1.4x faster on 2 cores; docs/PERF.md), on CUDA none (12% slower with fp16 on an H200); "
+        "off; on = those three stages on any device; all; or a comma list of stages",
+    )
     tile_batch: int = Field(
         0, ge=0, le=64,
         description="tiles of a large (tiled) image that go through a network in one call, stacked on the batch axis "
         "(times the images of the batch): 0 = auto, 8 on CUDA (a tile at batch 1 leaves a GPU mostly idle: the H200 ran "
-        "the flow UNet 2.4x faster per image at batch 4 than at 1) and 1 on the CPU; working memory grows with it, "
-        "not with the image",
+        "the flow UNet 2.4x faster per image at batch 4 than at 1) and on the CPU as many as fill one 512x512-pixel "
+        "tile's area (1 for official-size tiles; 16 for the demo's 128-pixel UNet tiles, which made its flow UNet 4x "
+        "faster on 2 cores); working memory grows with it, not with the image",
     )
     spill_dir: str = Field(
         "auto",
@@ -245,6 +269,15 @@ class Settings(BaseSettings):
             return "on" if value else "off"
         value = str(value).strip().lower()
         torch_compile_stages(value)  # raises with what is wrong
+        return "off" if value in _COMPILE_OFF else "on" if value in _COMPILE_ON else value
+
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _channels_last(cls, value: Any) -> str:
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        value = str(value).strip().lower()
+        channels_last_stages(value)  # raises with what is wrong
         return "off" if value in _COMPILE_OFF else "on" if value in _COMPILE_ON else value
 
     @field_validator("warmup")

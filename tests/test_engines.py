@@ -16,6 +16,7 @@ from engines import (
     StaleArtifactError,
     build_engines,
     build_pipeline,
+    channels_last_stages,
     normalise_backend,
 )
 from engines.artifacts import TRT_FORMAT, check_plan_meta, find_plan_dir, gpu_slug, trt_dir
@@ -92,6 +93,36 @@ def test_torch_engine_options_are_checked(info):
     assert not torch.backends.cudnn.benchmark  # a refused option leaves the process flag alone
     with pytest.raises(EngineError, match="compile"):
         TorchEngine(module, VAE_DECODER, "cpu", compile="fastest")
+
+
+def test_channels_last_engine_keeps_nhwc_weights_and_returns_nchw_outputs(info):
+    nchw = TorchEngine(load_stage(info, "vae_decoder"), VAE_DECODER, "cpu")
+    nhwc = TorchEngine(load_stage(info, "vae_decoder"), VAE_DECODER, "cpu", channels_last=True)
+    convs = [m.weight for m in nhwc.module.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not all(w.is_contiguous() for w in convs)  # 1x1 kernels are both; the 3x3 ones are NHWC only
+    assert nhwc.describe()["channels_last"] and not nchw.describe()["channels_last"]
+    latent = torch.randn(2, 4, 16, 24, generator=torch.Generator().manual_seed(0))
+    ours, reference = nhwc(latent), nchw(latent)
+    assert ours.is_contiguous()  # the stage contract's layout, whatever the engine computed in
+    assert float((ours - reference).norm() / reference.norm()) < 1e-5  # float32 rounding only
+
+
+def test_channels_last_auto_follows_the_device_and_names_stages(tiny_model_dir):
+    def nhwc(**options):
+        engines = build_engines(tiny_model_dir, "torch", "cpu", **options)
+        return {name for name, engine in engines.items() if engine.describe()["channels_last"]}
+
+    cpu_default = {"swinir", "cond_encoder", "vae_decoder"}  # measured faster on the CPU (docs/PERF.md)
+    assert nhwc() == cpu_default and nhwc(channels_last="auto") == cpu_default
+    assert nhwc(channels_last=False) == set()
+    assert nhwc(channels_last=True) == {"swinir", "cond_encoder", "flow_unet", "vae_decoder"}
+    assert nhwc(channels_last=("flow_unet",)) == {"flow_unet"}
+    assert channels_last_stages("auto", "cuda:1") == frozenset()  # measured slower with fp16 on an H200
+    with pytest.raises(EngineError, match="unknown stage.*unet"):
+        build_engines(tiny_model_dir, "torch", channels_last=("unet",))
+    with pytest.raises(EngineError, match="'yes' is not 'auto'"):
+        channels_last_stages("yes", "cpu")
 
 
 def test_engine_casts_inputs_and_returns_float32(info):

@@ -117,6 +117,21 @@ def test_enhance_without_a_model_says_what_to_do(tmp_path, capsys, monkeypatch, 
     assert "flowie convert" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--channels-last", "nhwc"], "FLOWIE_CHANNELS_LAST: nhwc is not a stage"),
+    (["--tile-batch", "-1"], "--tile-batch must be 0 (by device) or more"),
+    (["--backend", "onnx"], "flowie export --model"),  # a model never exported: one sentence, no traceback
+])
+def test_enhance_refuses_bad_engine_settings_with_one_sentence(tiny_model_dir, fixture_dir, tmp_path, capsys, args, says):
+    from service.cli import main
+
+    rc = main(["enhance", str(fixture_dir / "inputs" / "lq_0.png"), "-o", str(tmp_path / "out"),
+               "--model", str(tiny_model_dir), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and says in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
 @pytest.mark.parametrize("kind", ["wavelet", "adain"])
 def test_colour_fix_in_place_changes_only_the_decoded_image(pipe, kind):
     """run_batch fixes the colours in place into the decoded image: the SwinIR output it returns

@@ -241,6 +241,23 @@ def test_final_bsr_image_matches_official(tiny_bsr_model_dir, fixture_dir, lq, x
     assert_uint8_match("bsr_onestep", ours, np.load(fixture_dir / "expected" / "bsr_onestep_uint8.npy"))
 
 
+def test_the_services_engines_with_their_cpu_defaults_match_official(tiny_model_dir, tiny_bsr_model_dir, fixture_dir,
+                                                                      lq, x_T):
+    """What `flowie serve` and `flowie enhance` run on the CPU: TorchEngine stages, three of them in
+    channels-last memory format (FLOWIE_CHANNELS_LAST=auto). Its rounding differs from NCHW's, and
+    the images must still be the official ones."""
+    from engines import build_pipeline
+
+    pipe = build_pipeline(tiny_model_dir, backend="torch", device="cpu")
+    nhwc = {name for name, engine in pipe.stages.items() if engine.describe()["channels_last"]}
+    assert nhwc == {"swinir", "cond_encoder", "vae_decoder"}  # the setting under test is in force
+    ours, restored = _run(pipe, lq, x_T, sampler="mean_value", steps=5, color_fix="wavelet")
+    assert_uint8_match("meanvalue_wavelet (engines)", ours, np.load(fixture_dir / "expected" / "meanvalue_wavelet_uint8.npy"))
+    assert_uint8_match("control (engines)", restored, np.load(fixture_dir / "expected" / "control_uint8.npy"))
+    bsr, _ = _run(build_pipeline(tiny_bsr_model_dir, backend="torch", device="cpu"), lq, x_T, sampler="one_step")
+    assert_uint8_match("bsr_onestep (engines)", bsr, np.load(fixture_dir / "expected" / "bsr_onestep_uint8.npy"))
+
+
 def test_sensitivity_dropping_lora_is_detected(fixture_dir, golden, context):
     """The tolerance is tight enough to see a real mistake: an UNet without LoRA fails it."""
     from flowie.convert import load_checkpoint, load_config, map_checkpoint, parse_config

@@ -174,8 +174,10 @@ def small_tile_pipe(tiny_model_dir):
     base = Pipeline.from_model_dir(tiny_model_dir)
     tiles = {"latent_tile": 16, "latent_stride": 12, "max_untiled_pixels": 64 * 64, "decoder_latent_tile": 8,
              "decoder_latent_stride": 6}
-    return Pipeline(ModelInfo(path=base.info.path, meta={**base.info.meta, "tiling": tiles}), base.stages,
+    pipe = Pipeline(ModelInfo(path=base.info.path, meta={**base.info.meta, "tiling": tiles}), base.stages,
                     base.null_context)
+    pipe.tile_batch = 1  # one tile per call: the reference the batched-tile tests compare with
+    return pipe
 
 
 def _image(h, w, seed=0):
@@ -325,3 +327,33 @@ def test_run_streamed_gives_the_bits_of_run_batch_with_tiles_batched(batched_til
     streamed = batched_tiles.run_streamed(work, params, seed=9, keep_restored=True)
     assert np.array_equal(streamed.image, imageops.tensor_to_uint8(reference.image)[0])
     assert torch.equal(streamed.latent, reference.latent)
+
+
+def test_auto_tiles_per_call_fill_one_official_tile_on_the_cpu(small_tile_pipe):
+    """FLOWIE_TILE_BATCH=0 on the CPU: official 512-pixel tiles stay one per call (the CPU memory
+    record's setting); smaller tiles are stacked up to the same area. This pipe's 16-latent UNet
+    tiles (128 px) go 16 batch rows per call (a tile row here has fewer), its 8-latent decoder
+    tiles (64 px) 64; the images are those of one tile per call up to the kernels' rounding."""
+    params = EnhanceParams(sampler="mean_value", color_fix="wavelet", upscale=1.0, min_side=0, tile="auto")
+    lq = imageops.images_to_tensor([_image(128, 448, 1)])
+    one = small_tile_pipe.run_batch(lq, params, seeds=[3])
+    calls: dict[str, list[int]] = {"flow_unet": [], "vae_decoder": []}
+    originals = dict(small_tile_pipe.stages)
+    for name, seen in calls.items():
+        small_tile_pipe.stages[name] = lambda *xs, _f=originals[name], _s=seen: _s.append(xs[0].shape[0]) or _f(*xs)
+    small_tile_pipe.tile_batch = 0
+    try:
+        assert [small_tile_pipe.tiles_per_call(px) for px in (512, 1024, 256, 128, 64)] == [1, 1, 4, 16, 64]
+        auto = small_tile_pipe.run_batch(lq, params, seeds=[3])
+    finally:
+        small_tile_pipe.tile_batch = 1
+        small_tile_pipe.stages.update(originals)
+    row_unet = len(tiling.tile_starts(448 // 8, 16, 12))  # every UNet tile of a row in one call
+    row_decoder = len(tiling.tile_starts(448 // 8, 8, 6))
+    assert max(calls["flow_unet"]) == row_unet > 1 and max(calls["vae_decoder"]) == row_decoder > 1
+    torch.testing.assert_close(auto.image, one.image, rtol=0, atol=1e-4)
+    small_tile_pipe.tile_batch = 7
+    try:
+        assert small_tile_pipe.tiles_per_call(512) == 7  # a number set is used as it is
+    finally:
+        small_tile_pipe.tile_batch = 1

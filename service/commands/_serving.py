@@ -42,7 +42,8 @@ def runner_factory(settings: Any, models: dict) -> Any:
 
         return PipelineRunner(model_dirs, device=settings.device, dtype=settings.dtype, backend=settings.backend,
                               cuda_graphs=settings.cuda_graphs, torch_compile=settings.torch_compile,
-                              cudnn_benchmark=settings.cudnn_benchmark, spill_dir=settings.spill_dir,
+                              cudnn_benchmark=settings.cudnn_benchmark, channels_last=settings.channels_last,
+                              spill_dir=settings.spill_dir,
                               tile_batch=settings.tile_batch)
 
     return load_runner

@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda-graphs", action="store_true", help="torch back end: CUDA-graph replay")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="torch back end on CUDA: cuDNN picks convolution algorithms by timing them")
+    parser.add_argument("--channels-last", default="auto",
+                        help="torch back end: stages kept in NHWC memory format, as FLOWIE_CHANNELS_LAST: auto (the "
+                             "convolution-heavy stages on the CPU, none on CUDA), off, on, all or a comma list")
     parser.add_argument("--workdir", default=None, help="--preset: where to export ONNX files (default: a temp dir)")
     parser.add_argument("--json", default=None, metavar="OUT", help="write every measurement to this JSON file")
 
@@ -134,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             "settings": {"backends": backends, "batches": args.batch, "sizes": args.size, "stages": stages,
                          "repeats": args.repeats, "warmup": args.warmup, "device": str(device), "dtype": args.dtype,
                          "threads": args.threads or "default", "compile": args.compile, "cuda_graphs": args.cuda_graphs,
-                         "cudnn_benchmark": args.cudnn_benchmark},
+                         "cudnn_benchmark": args.cudnn_benchmark, "channels_last": args.channels_last},
             "results": rows,
         }
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -143,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _backend_options(args, backend: str) -> dict:
+    from service.settings import channels_last_stages
+
     if backend == "torch":
         options = {}
         if args.compile:
@@ -151,6 +156,8 @@ def _backend_options(args, backend: str) -> dict:
             options["cuda_graphs"] = True
         if args.cudnn_benchmark:
             options["cudnn_benchmark"] = True
+        nhwc = channels_last_stages(args.channels_last)  # None: auto, by device
+        options["channels_last"] = "auto" if nhwc is None else nhwc
         return options
     if backend == "onnx":
         return {"intra_op_threads": args.threads}
@@ -176,6 +183,7 @@ def _preset_source(args, stages, device, workdir, say):
     """Full-size networks of a preset with seeded random weights; ONNX exported on first use."""
     import torch
 
+    from engines import channels_last_stages as resolve_channels_last
     from engines.base import random_inputs
     from engines.ort_engine import OrtEngine
     from engines.torch_engine import TorchEngine
@@ -196,7 +204,9 @@ def _preset_source(args, stages, device, workdir, say):
 
     def make(backend):
         if backend == "torch":
-            return {s: TorchEngine(m, STAGES[s], device, parse_dtype(args.dtype), **_backend_options(args, backend))
+            options = _backend_options(args, backend)
+            nhwc = resolve_channels_last(options.pop("channels_last"), device)
+            return {s: TorchEngine(m, STAGES[s], device, parse_dtype(args.dtype), channels_last=s in nhwc, **options)
                     for s, m in modules.items()}
         if backend == "onnx":
             engines = {}

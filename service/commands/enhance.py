@@ -24,9 +24,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--backend", default="torch", choices=["torch", "onnx", "tensorrt"])
+    parser.add_argument("--channels-last", default="auto",
+                        help="torch back end: stages kept in NHWC memory format, as FLOWIE_CHANNELS_LAST: auto (the "
+                             "convolution-heavy stages on the CPU, where it is faster; none on CUDA), off, on, all or "
+                             "a comma list")
     parser.add_argument("--spill-dir", default="auto",
                         help="where a large image's SwinIR output waits: auto (a temp file on the CPU for "
                              "outputs over 16 MiB), off (RAM) or a directory")
+    parser.add_argument("--tile-batch", type=int, default=0,
+                        help="batch rows of a tiled image per network call, as FLOWIE_TILE_BATCH: 0 = by device (8 on "
+                             "CUDA; on the CPU up to one 512x512-pixel tile's area), 1 = one tile at a time")
     parser.add_argument("--save-restored", action="store_true", help="also write the stage-1 (SwinIR) output")
 
 
@@ -93,15 +100,23 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"flowie enhance: --spill-dir: {exc}", file=sys.stderr)
         return 2
-    if args.backend == "torch":
-        from flowie.pipeline import Pipeline
+    if args.tile_batch < 0:
+        print(f"flowie enhance: --tile-batch must be 0 (by device) or more, got {args.tile_batch}", file=sys.stderr)
+        return 2
+    from engines import EngineError, build_pipeline
+    from service.settings import channels_last_stages
 
-        pipe = Pipeline.from_model_dir(model_dir, device=args.device, dtype=args.dtype)
-    else:
-        from engines import build_pipeline
-
-        pipe = build_pipeline(model_dir, backend=args.backend, device=args.device, dtype=args.dtype)
+    try:
+        options = {}
+        if args.backend == "torch":  # the service's engines, with the service's CPU default
+            nhwc = channels_last_stages(args.channels_last)
+            options["channels_last"] = "auto" if nhwc is None else nhwc
+        pipe = build_pipeline(model_dir, backend=args.backend, device=args.device, dtype=args.dtype, **options)
+    except (EngineError, ValueError) as exc:
+        print(f"flowie enhance: {exc}", file=sys.stderr)
+        return 2
     pipe.spill_dir, pipe.spill_min_bytes = spill_to, spill_min_bytes
+    pipe.tile_batch = args.tile_batch
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, (stem, image) in enumerate(tqdm(items, desc="enhance", unit="img", file=sys.stderr)):

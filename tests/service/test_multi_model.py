@@ -63,5 +63,7 @@ def test_the_runner_compiles_the_stages_flowie_torch_compile_names(tiny_model_di
 def test_the_runner_sets_the_tiles_per_call_flowie_tile_batch_names(tiny_model_dir):
     from service.runner import PipelineRunner
 
-    assert PipelineRunner([tiny_model_dir]).pipelines["bfr"].tile_batch == 1  # auto on the CPU
+    auto = PipelineRunner([tiny_model_dir]).pipelines["bfr"]
+    assert auto.tile_batch == 0  # by device: on the CPU, up to one official tile's area per call
+    assert (auto.tiles_per_call(512), auto.tiles_per_call(128)) == (1, 16)
     assert PipelineRunner([tiny_model_dir], tile_batch=3).pipelines["bfr"].tile_batch == 3
