@@ -242,7 +242,7 @@ def test_final_bsr_image_matches_official(tiny_bsr_model_dir, fixture_dir, lq, x
 
 
 def test_the_services_engines_with_their_cpu_defaults_match_official(tiny_model_dir, tiny_bsr_model_dir, fixture_dir,
-                                                                      lq, x_T):
+                                                                      golden, lq, x_T):
     """What `flowie serve` and `flowie enhance` run on the CPU: TorchEngine stages, three of them in
     channels-last memory format (FLOWIE_CHANNELS_LAST=auto). Its rounding differs from NCHW's, and
     the images must still be the official ones."""
@@ -251,6 +251,11 @@ def test_the_services_engines_with_their_cpu_defaults_match_official(tiny_model_
     pipe = build_pipeline(tiny_model_dir, backend="torch", device="cpu")
     nhwc = {name for name, engine in pipe.stages.items() if engine.describe()["channels_last"]}
     assert nhwc == {"swinir", "cond_encoder", "vae_decoder"}  # the setting under test is in force
+    stages = pipe.stages  # each stage alone, at the per-stage tolerance
+    assert_close("swinir (engine)", stages["swinir"](lq_tensor(lq)), golden["control"])
+    assert_close("c_latent (engine)", stages["cond_encoder"](golden["control"]), golden["c_latent"])
+    assert_close("meanvalue_decoded (engine)", stages["vae_decoder"](golden["meanvalue_latent"]),
+                 golden["meanvalue_decoded"])
     ours, restored = _run(pipe, lq, x_T, sampler="mean_value", steps=5, color_fix="wavelet")
     assert_uint8_match("meanvalue_wavelet (engines)", ours, np.load(fixture_dir / "expected" / "meanvalue_wavelet_uint8.npy"))
     assert_uint8_match("control (engines)", restored, np.load(fixture_dir / "expected" / "control_uint8.npy"))
