@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from flowie.params import EnhanceParams
-from service.settings import channels_last_stages, torch_compile_stages
+from service.settings import channels_last_option, torch_compile_stages
 
 log = logging.getLogger("flowie.service.runner")
 
@@ -60,10 +60,9 @@ class PipelineRunner:
         options: dict[str, Any] = {}
         if backend == "torch":
             compiled = torch_compile_stages(torch_compile)  # FLOWIE_TORCH_COMPILE
-            nhwc = channels_last_stages(channels_last)  # FLOWIE_CHANNELS_LAST; None = auto, by device
             options = {"cuda_graphs": bool(cuda_graphs and on_cuda), "compile": bool(compiled),
                        "compile_stages": compiled or None, "cudnn_benchmark": bool(cudnn_benchmark and on_cuda),
-                       "channels_last": "auto" if nhwc is None else nhwc}
+                       "channels_last": channels_last_option(channels_last)}  # FLOWIE_CHANNELS_LAST
         self.pipelines: dict[str, Any] = {}
         for model_dir in model_dirs:
             # torch modules, onnxruntime sessions or TensorRT plans (`flowie export` / `build-engines`)

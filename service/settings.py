@@ -10,6 +10,7 @@ Light module: pydantic only (the `flowie` parser imports it to build the flags).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -80,13 +81,23 @@ def torch_compile_stages(value: str) -> tuple[str, ...]:
     return _stage_list("FLOWIE_TORCH_COMPILE", value, COMPILE_ON_STAGES)
 
 
-def channels_last_stages(value: str) -> tuple[str, ...] | None:
-    """FLOWIE_CHANNELS_LAST -> the stages kept in NHWC memory format, or None for auto (by device)."""
+def channels_last_option(value: str) -> str | tuple[str, ...]:
+    """FLOWIE_CHANNELS_LAST -> the torch engines' ``channels_last`` option: "auto" (by device) or the
+    stages kept in NHWC memory format; ValueError saying what is wrong."""
     from flowie.stages import CHANNELS_LAST_CPU_STAGES
 
     if value.strip().lower() == "auto":
-        return None
+        return "auto"
     return _stage_list("FLOWIE_CHANNELS_LAST", value, CHANNELS_LAST_CPU_STAGES, words="auto, off, on, all")
+
+
+def _normalised_stage_setting(value: Any, parse: Callable[[str], object]) -> str:
+    """A stage-list setting's text, checked by ``parse``, with its on/off spellings made canonical."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    value = str(value).strip().lower()
+    parse(value)  # raises with what is wrong
+    return "off" if value in _COMPILE_OFF else "on" if value in _COMPILE_ON else value
 
 
 class Settings(BaseSettings):
@@ -265,20 +276,12 @@ class Settings(BaseSettings):
     @field_validator("torch_compile", mode="before")
     @classmethod
     def _torch_compile(cls, value: Any) -> str:
-        if isinstance(value, bool):  # the setting was a bool before session 6
-            return "on" if value else "off"
-        value = str(value).strip().lower()
-        torch_compile_stages(value)  # raises with what is wrong
-        return "off" if value in _COMPILE_OFF else "on" if value in _COMPILE_ON else value
+        return _normalised_stage_setting(value, torch_compile_stages)  # a bool before session 6: still taken
 
     @field_validator("channels_last", mode="before")
     @classmethod
     def _channels_last(cls, value: Any) -> str:
-        if isinstance(value, bool):
-            return "on" if value else "off"
-        value = str(value).strip().lower()
-        channels_last_stages(value)  # raises with what is wrong
-        return "off" if value in _COMPILE_OFF else "on" if value in _COMPILE_ON else value
+        return _normalised_stage_setting(value, channels_last_option)
 
     @field_validator("warmup")
     @classmethod

@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _backend_options(args, backend: str) -> dict:
-    from service.settings import channels_last_stages
+    from service.settings import channels_last_option
 
     if backend == "torch":
         options = {}
@@ -156,8 +156,7 @@ def _backend_options(args, backend: str) -> dict:
             options["cuda_graphs"] = True
         if args.cudnn_benchmark:
             options["cudnn_benchmark"] = True
-        nhwc = channels_last_stages(args.channels_last)  # None: auto, by device
-        options["channels_last"] = "auto" if nhwc is None else nhwc
+        options["channels_last"] = channels_last_option(args.channels_last)
         return options
     if backend == "onnx":
         return {"intra_op_threads": args.threads}

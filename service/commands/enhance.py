@@ -104,13 +104,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"flowie enhance: --tile-batch must be 0 (by device) or more, got {args.tile_batch}", file=sys.stderr)
         return 2
     from engines import EngineError, build_pipeline
-    from service.settings import channels_last_stages
+    from service.settings import channels_last_option
 
     try:
-        options = {}
-        if args.backend == "torch":  # the service's engines, with the service's CPU default
-            nhwc = channels_last_stages(args.channels_last)
-            options["channels_last"] = "auto" if nhwc is None else nhwc
+        # The service's engines, with the service's CPU default.
+        options = {"channels_last": channels_last_option(args.channels_last)} if args.backend == "torch" else {}
         pipe = build_pipeline(model_dir, backend=args.backend, device=args.device, dtype=args.dtype, **options)
     except (EngineError, ValueError) as exc:
         print(f"flowie enhance: {exc}", file=sys.stderr)

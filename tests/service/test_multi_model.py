@@ -67,3 +67,15 @@ def test_the_runner_sets_the_tiles_per_call_flowie_tile_batch_names(tiny_model_d
     assert auto.tile_batch == 0  # by device: on the CPU, up to one official tile's area per call
     assert (auto.tiles_per_call(512), auto.tiles_per_call(128)) == (1, 16)
     assert PipelineRunner([tiny_model_dir], tile_batch=3).pipelines["bfr"].tile_batch == 3
+
+
+def test_the_runner_keeps_the_stages_flowie_channels_last_names_in_nhwc(tiny_model_dir):
+    from service.runner import PipelineRunner
+
+    def nhwc(setting: str) -> set[str]:
+        pipe = PipelineRunner([tiny_model_dir], channels_last=setting).pipelines["bfr"]
+        return {name for name, engine in pipe.stages.items() if engine.describe()["channels_last"]}
+
+    assert nhwc("auto") == {"swinir", "cond_encoder", "vae_decoder"}  # on the CPU
+    assert nhwc("off") == set()
+    assert nhwc("flow_unet") == {"flow_unet"}
