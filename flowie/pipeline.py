@@ -25,7 +25,9 @@ from flowie.rowstore import RowStore
 
 StageFn = Callable[..., torch.Tensor]
 STAGE_ORDER = ("swinir", "cond_encoder", "flow_unet", "vae_decoder")
-PIXEL_TILE, PIXEL_STRIDE = 512, 448  # official tiled inference: 512 px tiles, stride 448
+# Official tiled inference: 512 px tiles, stride 448. A model may declare its own pixel tiles
+# (model.json tiling.pixel_tile / pixel_stride); these are the defaults and the CPU call-size unit.
+PIXEL_TILE, PIXEL_STRIDE = 512, 448
 # Tiles per network call on CUDA (the service's FLOWIE_TILE_BATCH=0). Chosen from the H200's batch
 # scaling of 512x512 work (docs/PERF.md, session 6): per image, batch 8 ran 1.17x batch 4 end to
 # end; a row of 8 tiles covers images up to about 3,600 pixels wide in one call.
@@ -114,6 +116,14 @@ class Pipeline:
         # small tiles (the demo) can still decode in large ones, where GroupNorm sees whole regions.
         self.decoder_tile = int(tiling_cfg.get("decoder_latent_tile", self.latent_tile))
         self.decoder_stride = int(tiling_cfg.get("decoder_latent_stride", self.latent_stride))
+        # SwinIR and the cond encoder run on pixel tiles. Both sides must be multiples of 64: SwinIR
+        # unshuffles by 8 and then works in 8-pixel windows, and the encoder's tiles land on whole
+        # latents. Why a model would change them: docs/MODEL.md, tiling.
+        self.pixel_tile = int(tiling_cfg.get("pixel_tile", PIXEL_TILE))
+        self.pixel_stride = int(tiling_cfg.get("pixel_stride", PIXEL_STRIDE))
+        _check_tiles("pixel", self.pixel_tile, self.pixel_stride, multiple=64)
+        _check_tiles("latent", self.latent_tile, self.latent_stride)
+        _check_tiles("decoder_latent", self.decoder_tile, self.decoder_stride)
 
     @classmethod
     def from_model_dir(cls, path: str | Path, device: str = "cpu", dtype: str = "float32",
@@ -258,8 +268,9 @@ class Pipeline:
         with RowStore(3, h, w, spill) as restored:
             def swinir() -> None:
                 source = _Uint8Rows(work, self.device)
-                for top, rows in tiling.tiled_rows(self.stages["swinir"], [source], PIXEL_TILE, PIXEL_STRIDE,
-                                                   tile_batch=self.tiles_per_call(PIXEL_TILE)):
+                for top, rows in tiling.tiled_rows(self.stages["swinir"], [source], self.pixel_tile,
+                                                   self.pixel_stride,
+                                                   tile_batch=self.tiles_per_call(self.pixel_tile)):
                     restored.write(top, rows)
                     del rows  # before the next tile row runs
 
@@ -269,8 +280,8 @@ class Pipeline:
                 return StreamedOutput(image=image, restored=image if keep_restored else None, latent=None,
                                       timings=timings)
             c_latent = self._timed("cond_encoder", timings, lambda: tiling.tiled_apply(
-                self.stages["cond_encoder"], [restored], PIXEL_TILE, PIXEL_STRIDE, scale=1 / 8,
-                tile_batch=self.tiles_per_call(PIXEL_TILE)))
+                self.stages["cond_encoder"], [restored], self.pixel_tile, self.pixel_stride, scale=1 / 8,
+                tile_batch=self.tiles_per_call(self.pixel_tile)))
             x_T = self._initial_noise((1, 4, h // 8, w // 8), None if seed is None else [seed], noise)
             velocity = self._velocity(c_latent, self.null_context.expand(1, -1, -1), tiled=True)
             latent = self._timed("flow_unet", timings, lambda: self._sample(velocity, x_T, p, on_step))
@@ -347,7 +358,7 @@ class Pipeline:
         if mode == "off":
             return False
         if mode == "on":
-            return h > PIXEL_TILE or w > PIXEL_TILE
+            return h > self.pixel_tile or w > self.pixel_tile
         return tiling.needs_tiling(h, w, self.max_untiled_pixels)
 
     def _velocity(self, c_latent, context, tiled: bool):
@@ -370,12 +381,13 @@ class Pipeline:
         return tiled_velocity
 
     def _pixels_to_pixels(self, fn, x, tiled):
-        return (tiling.tiled_apply(fn, [x], PIXEL_TILE, PIXEL_STRIDE, tile_batch=self.tiles_per_call(PIXEL_TILE))
+        return (tiling.tiled_apply(fn, [x], self.pixel_tile, self.pixel_stride,
+                                   tile_batch=self.tiles_per_call(self.pixel_tile))
                 if tiled else fn(x))
 
     def _pixels_to_latent(self, fn, x, tiled):
-        return (tiling.tiled_apply(fn, [x], PIXEL_TILE, PIXEL_STRIDE, scale=1 / 8,
-                                   tile_batch=self.tiles_per_call(PIXEL_TILE))
+        return (tiling.tiled_apply(fn, [x], self.pixel_tile, self.pixel_stride, scale=1 / 8,
+                                   tile_batch=self.tiles_per_call(self.pixel_tile))
                 if tiled else fn(x))
 
     def _latent_to_pixels(self, fn, z, tiled):
@@ -429,3 +441,13 @@ def _store_to_uint8(store: RowStore, band_rows: int = 256) -> np.ndarray:
         bottom = min(top + band_rows, h)
         out[top:bottom] = imageops.tensor_to_uint8(store.read(top, bottom))[0]
     return out
+
+
+def _check_tiles(name: str, tile: int, stride: int, multiple: int = 1) -> None:
+    """Refuse a model.json tiling pair that cannot cover an image, naming the keys to fix."""
+    keys = f"model.json tiling.{name}_tile / {name}_stride"
+    if tile <= 0 or stride <= 0 or stride > tile:
+        raise ValueError(f"{keys} = {tile} / {stride}: both must be positive and the stride at most the tile "
+                         "(a larger stride leaves gaps)")
+    if tile % multiple or stride % multiple:
+        raise ValueError(f"{keys} = {tile} / {stride}: both must be multiples of {multiple}")

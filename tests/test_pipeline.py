@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from flowie import colorfix, tiling
+from flowie import colorfix, samplers, tiling
 from flowie.params import EnhanceParams, ParamError
 from flowie.pipeline import Pipeline
 
@@ -168,3 +170,35 @@ def test_the_decoder_uses_its_own_tiles_when_the_model_declares_them(pipe, lq):
         whole = pipe.stages["vae_decoder"](own.latent)
     torch.testing.assert_close(shared.image, whole, rtol=0, atol=0)
     assert not torch.equal(own.image, whole)  # 8-latent decoder tiles blend to something else
+
+
+def test_swinir_and_the_cond_encoder_use_the_models_pixel_tiles(pipe):
+    """576 x 128 px with latent tiling forced: the official 512 px pixel tiles cut the height in two
+    and blend; a model's own 576 px tile covers it, which is the untiled SwinIR and encoder exactly."""
+    lq_t = torch.rand(1, 3, 576, 128, generator=torch.Generator().manual_seed(5))
+    params = EnhanceParams(sampler="one_step", color_fix="none", upscale=1.0, min_side=0, tile="auto")
+    forced = {"latent_tile": 16, "latent_stride": 12, "max_untiled_pixels": 64 * 64}
+    official = _with_tiling(pipe, **forced).run_batch(lq_t, params, seeds=[4])
+    own = _with_tiling(pipe, **forced, pixel_tile=576, pixel_stride=512).run_batch(lq_t, params, seeds=[4])
+    with torch.inference_mode():
+        whole_restored = pipe.stages["swinir"](lq_t)
+        whole_latent = pipe.stages["cond_encoder"](whole_restored)
+    torch.testing.assert_close(own.restored, whole_restored, rtol=0, atol=0)
+    assert not torch.equal(official.restored, whole_restored)  # two blended 512 px tiles
+    # The cond encoder's latent is not returned; the flow's output follows from it and the noise.
+    reference = _with_tiling(pipe, **forced)
+    x_T = samplers.initial_noise((1, 4, 72, 16), [4])
+    with torch.inference_mode():
+        expected = reference._sample(reference._velocity(whole_latent, pipe.null_context, tiled=True), x_T,
+                                     reference.resolve(params), None)
+    torch.testing.assert_close(own.latent, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tiles, says", [
+    ({"pixel_tile": 500, "pixel_stride": 448}, "tiling.pixel_tile / pixel_stride = 500 / 448: both must be multiples of 64"),
+    ({"pixel_tile": 512, "pixel_stride": 576}, "the stride at most the tile"),
+    ({"decoder_latent_tile": 8, "decoder_latent_stride": 0}, "tiling.decoder_latent_tile / decoder_latent_stride"),
+])
+def test_a_model_with_tiles_that_cannot_cover_an_image_is_refused(pipe, tiles, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        _with_tiling(pipe, **tiles)

@@ -583,10 +583,13 @@ class Trainer:
         """
         crop = self.phase_config("flow").crop
         tile = max(8, crop // 8)
-        # The decoder needs no such limit; it decodes in the official 512 px tiles, because small
-        # tiles give each tile its own GroupNorm statistics, which shows as a tile pattern.
+        # The decoder needs no such limit: small tiles give each tile its own GroupNorm statistics,
+        # which shows as a tile pattern. It and the pixel stages use tiles of 576 px with the
+        # official 64 px overlap: two of them cover the 1024 px short side the demo works at
+        # (defaults min_side), where the official 512 px tiles need three and compute 2.25x the
+        # pixels (docs/DEMO_MODEL.md, speed).
         return {"latent_tile": tile, "latent_stride": max(1, tile * 3 // 4), "max_untiled_pixels": crop * crop,
-                "decoder_latent_tile": 64, "decoder_latent_stride": 56}
+                "decoder_latent_tile": 72, "decoder_latent_stride": 64, "pixel_tile": 576, "pixel_stride": 512}
 
     def model_card(self, extra: dict | None = None) -> dict:
         cfg = self.cfg
