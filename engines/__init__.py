@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,7 @@ _LAZY = {
 }
 
 __all__ = ["BACKENDS", "EngineError", "ShapeError", "StaleArtifactError", "build_pipeline", "build_engines",
-           "channels_last_stages", "normalise_backend", *_LAZY]
+           "channels_last_stages", "normalise_backend", "torch_stage_options", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
@@ -78,13 +79,8 @@ def build_engines(model_dir: str | Path, backend: str | None = "torch", device: 
     if name == "torch":
         from engines.torch_engine import TorchEngine
 
-        compile_mode = options.pop("compile", False)
-        compiled = _compile_stages(options.pop("compile_stages", None))
-        nhwc = channels_last_stages(options.pop("channels_last", "auto"), dev)
-        return {s: TorchEngine.from_model(info, s, dev, precision,
-                                          compile=compile_mode if compiled is None or s in compiled else False,
-                                          channels_last=s in nhwc, **options)
-                for s in wanted}
+        per_stage = torch_stage_options(options, dev)
+        return {s: TorchEngine.from_model(info, s, dev, precision, **per_stage(s)) for s in wanted}
     if name == "onnx":
         return {s: _ort_engine(info, s, dev, precision, **options) for s in wanted}
     from engines.trt_engine import TrtEngine, gpu_identity, import_tensorrt
@@ -101,6 +97,24 @@ def build_engines(model_dir: str | Path, backend: str | None = "torch", device: 
         # Plans carry their precision; float32 is the CLI default and accepts any plan.
         raise EngineError(f"the plans in {plan_dir} are fp32; rebuild them with `flowie build-engines --fp16`")
     return {s: TrtEngine.from_model(info, s, dev, plan_dir=Path(plan_dir)) for s in wanted}
+
+
+def torch_stage_options(options: dict[str, Any], device) -> Callable[[str], dict[str, Any]]:
+    """The torch back end's options -> a function giving one stage's TorchEngine keyword arguments.
+
+    ``compile_stages`` narrows ``compile`` to the named stages and ``channels_last`` becomes a bool
+    per stage (:func:`channels_last_stages`); the other options go to every stage as they are.
+    """
+    common = dict(options)
+    compile_mode = common.pop("compile", False)
+    compiled = _compile_stages(common.pop("compile_stages", None))
+    nhwc = channels_last_stages(common.pop("channels_last", "auto"), device)
+
+    def for_stage(stage: str) -> dict[str, Any]:
+        return {**common, "compile": compile_mode if compiled is None or stage in compiled else False,
+                "channels_last": stage in nhwc}
+
+    return for_stage
 
 
 def _compile_stages(stages) -> frozenset[str] | None:

@@ -279,9 +279,8 @@ class Pipeline:
                 image = _store_to_uint8(restored)
                 return StreamedOutput(image=image, restored=image if keep_restored else None, latent=None,
                                       timings=timings)
-            c_latent = self._timed("cond_encoder", timings, lambda: tiling.tiled_apply(
-                self.stages["cond_encoder"], [restored], self.pixel_tile, self.pixel_stride, scale=1 / 8,
-                tile_batch=self.tiles_per_call(self.pixel_tile)))
+            c_latent = self._timed("cond_encoder", timings, lambda: self._pixels_to_latent(
+                self.stages["cond_encoder"], restored, tiled=True))  # tiles read back from the store
             x_T = self._initial_noise((1, 4, h // 8, w // 8), None if seed is None else [seed], noise)
             velocity = self._velocity(c_latent, self.null_context.expand(1, -1, -1), tiled=True)
             latent = self._timed("flow_unet", timings, lambda: self._sample(velocity, x_T, p, on_step))

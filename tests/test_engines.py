@@ -18,6 +18,7 @@ from engines import (
     build_pipeline,
     channels_last_stages,
     normalise_backend,
+    torch_stage_options,
 )
 from engines.artifacts import TRT_FORMAT, check_plan_meta, find_plan_dir, gpu_slug, trt_dir
 from engines.base import bind_axes, output_shapes
@@ -123,6 +124,19 @@ def test_channels_last_auto_follows_the_device_and_names_stages(tiny_model_dir):
         build_engines(tiny_model_dir, "torch", channels_last=("unet",))
     with pytest.raises(EngineError, match="'yes' is not 'auto'"):
         channels_last_stages("yes", "cpu")
+
+
+def test_torch_stage_options_narrow_compile_and_channels_last_to_their_stages():
+    """What build_engines and `flowie bench --preset` hand each stage's TorchEngine."""
+    per_stage = torch_stage_options({"compile": "max-autotune", "compile_stages": ["flow_unet"],
+                                     "channels_last": ("swinir",), "cudnn_benchmark": True}, "cpu")
+    assert per_stage("flow_unet") == {"compile": "max-autotune", "channels_last": False, "cudnn_benchmark": True}
+    assert per_stage("swinir") == {"compile": False, "channels_last": True, "cudnn_benchmark": True}
+    every = torch_stage_options({"compile": True}, "cpu")  # no compile_stages: every stage; channels_last auto
+    assert every("flow_unet") == {"compile": True, "channels_last": False}
+    assert every("vae_decoder") == {"compile": True, "channels_last": True}
+    with pytest.raises(EngineError, match="compile_stages: unknown stage"):
+        torch_stage_options({"compile": True, "compile_stages": ["unet"]}, "cpu")
 
 
 def test_engine_casts_inputs_and_returns_float32(info):

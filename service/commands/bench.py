@@ -182,7 +182,7 @@ def _preset_source(args, stages, device, workdir, say):
     """Full-size networks of a preset with seeded random weights; ONNX exported on first use."""
     import torch
 
-    from engines import channels_last_stages as resolve_channels_last
+    from engines import torch_stage_options
     from engines.base import random_inputs
     from engines.ort_engine import OrtEngine
     from engines.torch_engine import TorchEngine
@@ -203,9 +203,8 @@ def _preset_source(args, stages, device, workdir, say):
 
     def make(backend):
         if backend == "torch":
-            options = _backend_options(args, backend)
-            nhwc = resolve_channels_last(options.pop("channels_last"), device)
-            return {s: TorchEngine(m, STAGES[s], device, parse_dtype(args.dtype), channels_last=s in nhwc, **options)
+            per_stage = torch_stage_options(_backend_options(args, backend), device)
+            return {s: TorchEngine(m, STAGES[s], device, parse_dtype(args.dtype), **per_stage(s))
                     for s, m in modules.items()}
         if backend == "onnx":
             engines = {}
