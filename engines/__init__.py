@@ -28,7 +28,7 @@ _ALIASES = {"torch": "torch", "pytorch": "torch", "eager": "torch", "onnx": "onn
 
 # Per back end: the options build_pipeline accepts (passed to every stage's engine).
 OPTIONS: dict[str, tuple[str, ...]] = {
-    "torch": ("compile", "compile_stages", "cuda_graphs", "cudnn_benchmark", "channels_last"),
+    "torch": ("compile", "compile_stages", "cuda_graphs", "cudnn_benchmark", "channels_last", "control_stream"),
     "onnx": ("providers", "intra_op_threads", "inter_op_threads", "trt_ep_fp16", "trt_ep_cache"),
     "tensorrt": ("plan_dir",),
 }
@@ -102,17 +102,20 @@ def build_engines(model_dir: str | Path, backend: str | None = "torch", device: 
 def torch_stage_options(options: dict[str, Any], device) -> Callable[[str], dict[str, Any]]:
     """The torch back end's options -> a function giving one stage's TorchEngine keyword arguments.
 
-    ``compile_stages`` narrows ``compile`` to the named stages and ``channels_last`` becomes a bool
-    per stage (:func:`channels_last_stages`); the other options go to every stage as they are.
+    ``compile_stages`` narrows ``compile`` to the named stages, ``channels_last`` becomes a bool
+    per stage (:func:`channels_last_stages`) and ``control_stream`` goes to the flow UNet only (the
+    stage with the ControlNet); the other options go to every stage as they are.
     """
     common = dict(options)
     compile_mode = common.pop("compile", False)
     compiled = _compile_stages(common.pop("compile_stages", None))
     nhwc = channels_last_stages(common.pop("channels_last", "auto"), device)
+    control_stream = bool(common.pop("control_stream", False))
 
     def for_stage(stage: str) -> dict[str, Any]:
+        extra = {"control_stream": True} if control_stream and stage == "flow_unet" else {}
         return {**common, "compile": compile_mode if compiled is None or stage in compiled else False,
-                "channels_last": stage in nhwc}
+                "channels_last": stage in nhwc, **extra}
 
     return for_stage
 
@@ -167,7 +170,8 @@ def build_pipeline(model_dir: str | Path, backend: str | None = "torch", device:
       torch:    compile (bool or torch.compile mode), compile_stages (the stages it applies to;
                 default every stage), cuda_graphs (bool, CUDA only), cudnn_benchmark (bool, CUDA only),
                 channels_last ("auto": the convolution-heavy stages on the CPU, none on CUDA; a bool;
-                or the stages it applies to)
+                or the stages it applies to), control_stream (bool, CUDA only: the flow UNet runs its
+                ControlNet on a second stream beside the UNet's down path)
       onnx:     intra_op_threads, inter_op_threads (0 = onnxruntime's choice), providers
                 (explicit list), trt_ep_fp16 (bool), trt_ep_cache (bool, default True)
       tensorrt: plan_dir (default: <model>/trt/<gpu>-trt<version>, checked against meta.json)

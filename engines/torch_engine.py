@@ -14,6 +14,9 @@ not what the references were made with). Both speed-ups are off unless asked for
 - ``channels_last``: keep the weights, and so the activations, in NHWC memory format. oneDNN's
   CPU convolutions are faster that way (docs/PERF.md, session 7); outputs are returned in the
   usual NCHW layout. The numbers differ from NCHW's only by float32 rounding.
+- ``control_stream`` (the flow UNet only, CUDA only): run FlowIE's ControlNet on a second CUDA stream
+  beside the UNet's down path, which does not depend on it (``FlowUNet``). Same operations, same
+  numbers; meant for small batches, where one stream leaves most of a large GPU idle.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ class TorchEngine(Engine):
 
     def __init__(self, module: nn.Module, spec: StageSpec, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, compile: bool | str = False, cuda_graphs: bool = False,
-                 cudnn_benchmark: bool = False, channels_last: bool = False):
+                 cudnn_benchmark: bool = False, channels_last: bool = False, control_stream: bool = False):
         self.spec = spec
         self.device = torch.device(device)
         self.precision = dtype
@@ -52,6 +55,13 @@ class TorchEngine(Engine):
         if cudnn_benchmark:
             torch.backends.cudnn.benchmark = True  # process-wide: every engine of this process shares it
         self.cudnn_benchmark = bool(cudnn_benchmark)
+        if control_stream and self.device.type != "cuda":
+            raise EngineError("control_stream=True needs a CUDA device")
+        if control_stream and not hasattr(module, "control_stream"):
+            raise EngineError(f"{spec.name}: control_stream applies to the flow_unet stage only (it has the ControlNet)")
+        if hasattr(module, "control_stream"):
+            module.control_stream = bool(control_stream)
+        self.control_stream = bool(control_stream)
         self.module = module.to(self.device, dtype).eval().requires_grad_(False)
         self.channels_last = bool(channels_last)
         if self.channels_last:
@@ -73,7 +83,8 @@ class TorchEngine(Engine):
 
     def describe(self) -> dict:
         return {**super().describe(), "compile": self.compile_mode, "cuda_graphs": self._graphs is not None,
-                "cudnn_benchmark": self.cudnn_benchmark, "channels_last": self.channels_last}
+                "cudnn_benchmark": self.cudnn_benchmark, "channels_last": self.channels_last,
+                "control_stream": self.control_stream}
 
     @torch.inference_mode()
     def run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

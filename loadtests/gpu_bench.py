@@ -13,7 +13,10 @@ values -- and measures at 512x512 (latent 64x64), per stage and end to end, for 
   + both; then fp32 with TF32 and a max-autotune flow UNet if the budget still allows; every
   mode but the fp32 baseline lets cuDNN time its convolution algorithms (``cudnn.benchmark``),
   and an A/B mode (``nobench``: half-precision eager at the smallest and largest batch) runs
-  without it, to say what the service's ``FLOWIE_CUDNN_BENCHMARK`` is worth;
+  without it, to say what the service's ``FLOWIE_CUDNN_BENCHMARK`` is worth; two more
+  (``control_stream``: half-precision eager at the smallest and largest batch, and CUDA graphs
+  at every batch) run the flow UNet's ControlNet on a second CUDA stream, for
+  ``FLOWIE_CONTROL_STREAM``;
 - workloads: BFR mean-value (4 evaluations + wavelet colour fix), BSR one-step (1 evaluation),
   SwinIR only, DiffBIR-style 50 Euler evaluations (measured at batch 1, derived elsewhere);
 - the service path: ``Pipeline.enhance`` on the service's engines (per-stage CUDA graphs,
@@ -244,6 +247,7 @@ class Mode:
     baseline: bool = False  # torch defaults: no cudnn.benchmark, fp32 matmuls in full precision
     cudnn_benchmark: bool | None = None  # None: on in every mode but the baseline
     batches: tuple[int, ...] | None = None  # only these batch sizes, and no DiffBIR run (an A/B mode)
+    control_stream: bool = False  # the flow UNet's ControlNet on a second CUDA stream (FLOWIE_CONTROL_STREAM)
 
     def describe(self) -> dict:
         d = asdict(self)
@@ -784,6 +788,8 @@ class Bench:
 
     def stage_fns(self, mode: Mode, rec: dict) -> dict[str, Callable]:
         mods = self.modules_for(mode.dtype, mode.channels_last)
+        # Set (or cleared) for every mode: the modules are shared between modes.
+        mods["flow_unet"].control_stream = mode.control_stream
         runners = {n: StageRunner(m, mode.dtype, mode.channels_last) for n, m in mods.items()}
         if not mode.compile_mode:
             return runners
@@ -906,7 +912,8 @@ class Bench:
                 compiled_batches |= {b for b in a.batch_sizes if b > 1}
         sizes = sorted((b for b in a.batch_sizes if mode.batches is None or b in mode.batches),
                        reverse=bool(mode.compile_mode))
-        for workload in ("bfr", "bsr", "swinir"):
+        # SwinIR alone does not touch the flow UNet, so a control-stream mode leaves it out.
+        for workload in ("bfr", "bsr") if mode.control_stream else ("bfr", "bsr", "swinir"):
             wl = result["workloads"].setdefault(workload, {})
             for b in sizes:
                 if compiled_batches is not None and b not in compiled_batches:
@@ -1417,6 +1424,13 @@ class Bench:
         suffix = "_cl" if cl else ""
         mode_section(Mode(f"{half}{suffix}_graphs", hdtype, channels_last=cl, graphs=True), needs_cuda=True,
                      skip=skip_unless("graphs"))
+        # FLOWIE_CONTROL_STREAM: the ControlNet beside the UNet's down path on a second stream, with
+        # and without CUDA graphs, against the two modes above (same batches; the PSNR check shows
+        # the numbers unchanged). --tiny runs the eager one on the CPU, where the flag is inert.
+        mode_section(Mode(f"{half}_eager_cs", hdtype, control_stream=True, batches=ab_batches),
+                     needs_cuda=not a.tiny, skip=skip_unless("control_stream"))
+        mode_section(Mode(f"{half}{suffix}_graphs_cs", hdtype, channels_last=cl, graphs=True, control_stream=True),
+                     needs_cuda=True, skip=skip_unless("control_stream"))
         self.section("service", lambda rec: self.sec_service(rec, hdtype if self.cuda else torch.float32),
                      min_s=0 if a.tiny else 40, skip_reason=skip_unless("service"))
         compile_skip = skip_unless("compile") or (None if self.cuda or a.cpu_compile else
@@ -1540,7 +1554,10 @@ class Bench:
         lines += [head, f"{'':28s} {'ms':>8s} {'img/s':>9s} {'img/s':>9s} {'img/s':>9s} {'b1 ms':>8s}", "-" * len(head)]
 
         def f(v, fmt):
-            return format(v, fmt) if isinstance(v, (int, float)) and v is not None and math.isfinite(v) else "-"
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                return format(v, fmt)
+            width = "".join(ch for ch in fmt.split(".")[0] if ch.isdigit())
+            return "-".rjust(int(width) if width else 1)  # keep the columns where a value is missing
 
         for name, row in summary["modes"].items():
             psnr = row["bfr_psnr_db"]
@@ -1666,7 +1683,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check-batch", type=int, default=None, help="batch whose outputs are compared with fp32 (default 4)")
     p.add_argument("--modes", default=None,
                    help="comma list to run only some of: fp32_eager, fp16_eager, bf16_eager, eager_cl, nobench, graphs, "
-                        "service, service_compile, compile, compile_graphs, tf32, autotune, scaling (default: all)")
+                        "control_stream, service, service_compile, compile, compile_graphs, tf32, autotune, scaling (default: all)")
     p.add_argument("--half", choices=("auto", "fp16", "bf16"), default="auto",
                    help="half precision of the later modes (auto: by the eager results)")
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto")

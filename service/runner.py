@@ -44,7 +44,7 @@ class PipelineRunner:
     def __init__(self, model_dirs: list[Path], *, device: str = "cpu", dtype: str = "auto",
                  backend: str = "torch", cuda_graphs: bool = True, torch_compile: str = "off",
                  cudnn_benchmark: bool = True, channels_last: str = "auto", spill_dir: str = "auto",
-                 tile_batch: int = 0) -> None:
+                 tile_batch: int = 0, control_stream: bool = False) -> None:
         from engines import build_pipeline  # torch: the worker side only
         from flowie.rowstore import spill_policy
 
@@ -62,7 +62,8 @@ class PipelineRunner:
             compiled = torch_compile_stages(torch_compile)  # FLOWIE_TORCH_COMPILE
             options = {"cuda_graphs": bool(cuda_graphs and on_cuda), "compile": bool(compiled),
                        "compile_stages": compiled or None, "cudnn_benchmark": bool(cudnn_benchmark and on_cuda),
-                       "channels_last": channels_last_option(channels_last)}  # FLOWIE_CHANNELS_LAST
+                       "channels_last": channels_last_option(channels_last),  # FLOWIE_CHANNELS_LAST
+                       "control_stream": bool(control_stream and on_cuda)}  # FLOWIE_CONTROL_STREAM
         self.pipelines: dict[str, Any] = {}
         for model_dir in model_dirs:
             # torch modules, onnxruntime sessions or TensorRT plans (`flowie export` / `build-engines`)

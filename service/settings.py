@@ -198,6 +198,13 @@ class Settings(BaseSettings):
         "1.1-1.4x faster on 2 cores; docs/PERF.md), on CUDA none (12% slower with fp16 on an H200); "
         "off; on = those three stages on any device; all; or a comma list of stages",
     )
+    control_stream: bool = Field(
+        False,
+        description="torch back end on CUDA: the flow UNet runs FlowIE's ControlNet on a second CUDA stream while "
+        "the UNet's down path, which does not need its residuals, runs on the first (same operations, same numbers; "
+        "for small batches, where one stream leaves most of a large GPU idle); off until a GPU benchmark measures "
+        "it (docs/PERF.md, gpu_bench section control_stream)",
+    )
     tile_batch: int = Field(
         0, ge=0, le=64,
         description="tiles of a large (tiled) image that go through a network in one call, stacked on the batch axis "

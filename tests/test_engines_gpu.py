@@ -112,6 +112,32 @@ def test_cudnn_benchmark_sets_the_process_flag_and_keeps_the_numbers(info):
 
 @pytest.mark.gpu
 @needs_cuda
+def test_control_stream_gives_the_one_stream_numbers_eager_and_under_cuda_graphs(info):
+    """FLOWIE_CONTROL_STREAM: the ControlNet on a second stream computes the same operations, so the
+    same numbers (kernels may be chosen per stream, hence a float32 tolerance and not bit equality);
+    a CUDA graph captures the fork and join and replays them for each shape."""
+    from engines.errors import EngineError
+    from engines.torch_engine import TorchEngine
+
+    g = torch.Generator().manual_seed(1)
+    feeds = []
+    for b, h, w in [(1, 16, 16), (2, 16, 24)]:
+        feeds.append({"x_t": torch.randn(b, 4, h, w, generator=g), "t": torch.full((b,), 599.0),
+                      "c_latent": torch.randn(b, 4, h, w, generator=g), "context": torch.randn(b, 77, 64, generator=g)})
+    one_stream = TorchEngine.from_model(info, "flow_unet", "cuda")
+    two_eager = TorchEngine.from_model(info, "flow_unet", "cuda", control_stream=True)
+    two_graphed = TorchEngine.from_model(info, "flow_unet", "cuda", control_stream=True, cuda_graphs=True)
+    assert two_graphed.describe()["control_stream"] and two_graphed.module.control_stream
+    for feed in feeds + feeds:  # the second round replays the captured graphs
+        ref = one_stream.run(feed)["v"]
+        assert rel_err(two_eager.run(feed)["v"], ref) <= 1e-6
+        assert rel_err(two_graphed.run(feed)["v"], ref) <= 1e-6
+    with pytest.raises(EngineError, match="flow_unet stage only"):
+        TorchEngine.from_model(info, "vae_decoder", "cuda", control_stream=True)
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_torch_compile_matches_eager(info):
     from engines.torch_engine import TorchEngine
 

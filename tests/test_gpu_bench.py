@@ -128,6 +128,23 @@ def test_the_cudnn_benchmark_ab_mode_runs_only_its_batches_and_no_diffbir(tiny_r
     assert "A/B" in mode["workloads"]["diffbir"]["1"]["reason"]
 
 
+def test_the_control_stream_modes_run_the_flow_workloads_and_leave_the_flag_off_after(tiny_run):
+    """FLOWIE_CONTROL_STREAM's A/B: eager at the smallest and largest batch (run here, where the flag
+    is inert), the CUDA-graph one skipped off CUDA; the modes after it run with the flag cleared."""
+    data, _, _ = tiny_run
+    [eager] = [n for n in data["modes"] if n.endswith("_eager_cs")]
+    mode = data["modes"][eager]
+    assert mode["settings"]["control_stream"] is True and mode["settings"]["batches"] == [1, 2]
+    assert set(mode["workloads"]) == {"bfr", "bsr", "diffbir"}  # SwinIR alone has no ControlNet
+    for workload in ("bfr", "bsr"):
+        assert {b: e["status"] for b, e in mode["workloads"][workload].items()} == {"1": "done", "2": "done"}
+    assert mode["workloads"]["bfr"]["2"]["check"]["vs_fp32"]["ok"]
+    sections = {s["name"]: s for s in data["sections"]}
+    [graphed] = [n for n in sections if n.endswith("_graphs_cs")]
+    assert sections[graphed]["status"] == "skipped" and "CUDA" in sections[graphed]["reason"]
+    assert all(m["settings"].get("control_stream") in (False, None) for n, m in data["modes"].items() if n != eager)
+
+
 def test_tiny_run_prints_one_table_and_saves_it(tiny_run):
     _, stdout, out = tiny_run
     assert stdout.count("FlowIE gpu_bench") == 1

@@ -8,6 +8,7 @@ conv takes concat(x_t, c_latent) (8 channels).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass
 
 import torch
@@ -165,7 +166,17 @@ class FlowControlNet(nn.Module):
 
 
 class FlowUNet(nn.Module):
-    """x_t [B,4,h,w], t [B] (0..999, 999 = noise), c_latent [B,4,h,w], context [B,T,C] -> v [B,4,h,w]."""
+    """x_t [B,4,h,w], t [B] (0..999, 999 = noise), c_latent [B,4,h,w], context [B,T,C] -> v [B,4,h,w].
+
+    The UNet's own forward is written out here (over diffusers' blocks, in diffusers' order of
+    operations) instead of calling ``UNet2DConditionModel.forward``, because of what the official
+    ControlledUnetModel implies: the ControlNet's residuals are only used by the UNet's up path,
+    so the ControlNet and the UNet's down path and middle are independent. With
+    ``control_stream`` set and the tensors on CUDA, the ControlNet runs on a second CUDA stream
+    while the down path runs on the current one (batch 1 leaves most of a large GPU idle; a
+    CUDA graph captures the fork and the join). Every operation is the same either way, so the
+    numbers are too.
+    """
 
     def __init__(self, cfg: UNetConfig, control_scales: list[float] | None = None):
         super().__init__()
@@ -177,18 +188,83 @@ class FlowUNet(nn.Module):
             raise ValueError(f"control_scales needs {cfg.num_controls} values, got {len(scales)}")
         # Kept as a Python tuple so the all-ones case costs nothing and exports cleanly.
         self.control_scales = tuple(float(s) for s in scales)
+        # The torch engine's ``control_stream`` option (FLOWIE_CONTROL_STREAM); inert off CUDA.
+        self.control_stream = False
 
     def controls(self, x_t, t, c_latent, context) -> list[torch.Tensor]:
         outs = self.controlnet(x_t, c_latent, t, context)
         return [o if s == 1.0 else o * s for o, s in zip(outs, self.control_scales, strict=True)]
 
     def forward(self, x_t, t, c_latent, context) -> torch.Tensor:
-        ctrl = self.controls(x_t, t, c_latent, context)
-        return self.unet(
-            x_t,
-            t,
-            encoder_hidden_states=context,
-            down_block_additional_residuals=tuple(ctrl[:-1]),
-            mid_block_additional_residual=ctrl[-1],
-            return_dict=False,
-        )[0]
+        side = self._side_stream(x_t)
+        if side is None:
+            ctrl = self.controls(x_t, t, c_latent, context)
+            h, skips, emb = self._unet_down(x_t, t, context)
+        else:
+            main = torch.cuda.current_stream(x_t.device)
+            # Fork: the side stream starts once the inputs are written. Joining at the end also
+            # keeps the caching allocator safe: the residuals are allocated on the side stream and
+            # read on this one, and the side stream's next use (the next call) begins with this
+            # wait, after every read of this call.
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                ctrl = self.controls(x_t, t, c_latent, context)
+            h, skips, emb = self._unet_down(x_t, t, context)
+            main.wait_stream(side)
+        return self._unet_up(h, skips, emb, context, ctrl)
+
+    def _side_stream(self, x_t: torch.Tensor):
+        if not (self.control_stream and x_t.is_cuda) or torch.compiler.is_compiling():
+            return None  # compiled graphs and exports see the one-stream order
+        return _control_side_stream(x_t.device)
+
+    def _unet_down(self, x_t, t, context):
+        """UNet2DConditionModel.forward steps 1-4 (time, conv_in, down blocks, middle) for our configs:
+        no class/added embeddings, no masks, no adapters."""
+        unet = self.unet
+        emb = unet.time_embedding(unet.time_proj(t).to(x_t.dtype))
+        h = unet.conv_in(x_t)
+        skips: tuple[torch.Tensor, ...] = (h,)
+        for block in unet.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                h, res = block(hidden_states=h, temb=emb, encoder_hidden_states=context)
+            else:
+                h, res = block(hidden_states=h, temb=emb)
+            skips += res
+        h = unet.mid_block(h, emb, encoder_hidden_states=context)
+        return h, skips, emb
+
+    def _unet_up(self, h, skips, emb, context, ctrl):
+        """The control residuals added (skips, then middle) and UNet2DConditionModel.forward steps 5-6."""
+        unet = self.unet
+        # diffusers passes the up blocks an explicit output size when the latent is not a multiple
+        # of the overall upsampling factor, so that odd sizes come back to the skips' sizes.
+        odd = any(d % 2**unet.num_upsamplers for d in skips[0].shape[-2:])  # skips[0]: the input's size
+        skips = tuple(s + c for s, c in zip(skips, ctrl[:-1], strict=True))
+        h = h + ctrl[-1]
+        for i, block in enumerate(unet.up_blocks):
+            n = len(block.resnets)
+            res, skips = skips[-n:], skips[:-n]
+            size = skips[-1].shape[2:] if odd and i < len(unet.up_blocks) - 1 else None
+            if getattr(block, "has_cross_attention", False):
+                h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res, encoder_hidden_states=context,
+                          upsample_size=size)
+            else:
+                h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res, upsample_size=size)
+        if unet.conv_norm_out is not None:
+            h = unet.conv_act(unet.conv_norm_out(h))
+        return unet.conv_out(h)
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+_SIDE_STREAMS_LOCK = threading.Lock()
+
+
+def _control_side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every FlowUNet of the process (kept off the module, which is
+    deep-copied and exported)."""
+    key = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    with _SIDE_STREAMS_LOCK:
+        if key not in _SIDE_STREAMS:
+            _SIDE_STREAMS[key] = torch.cuda.Stream(key)
+        return _SIDE_STREAMS[key]

@@ -44,7 +44,7 @@ def runner_factory(settings: Any, models: dict) -> Any:
                               cuda_graphs=settings.cuda_graphs, torch_compile=settings.torch_compile,
                               cudnn_benchmark=settings.cudnn_benchmark, channels_last=settings.channels_last,
                               spill_dir=settings.spill_dir,
-                              tile_batch=settings.tile_batch)
+                              tile_batch=settings.tile_batch, control_stream=settings.control_stream)
 
     return load_runner
 

@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels-last", default="auto",
                         help="torch back end: stages kept in NHWC memory format, as FLOWIE_CHANNELS_LAST: auto (the "
                              "convolution-heavy stages on the CPU, none on CUDA), off, on, all or a comma list")
+    parser.add_argument("--control-stream", action="store_true",
+                        help="torch back end on CUDA: the flow UNet's ControlNet on a second CUDA stream, as "
+                             "FLOWIE_CONTROL_STREAM")
     parser.add_argument("--workdir", default=None, help="--preset: where to export ONNX files (default: a temp dir)")
     parser.add_argument("--json", default=None, metavar="OUT", help="write every measurement to this JSON file")
 
@@ -137,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
             "settings": {"backends": backends, "batches": args.batch, "sizes": args.size, "stages": stages,
                          "repeats": args.repeats, "warmup": args.warmup, "device": str(device), "dtype": args.dtype,
                          "threads": args.threads or "default", "compile": args.compile, "cuda_graphs": args.cuda_graphs,
-                         "cudnn_benchmark": args.cudnn_benchmark, "channels_last": args.channels_last},
+                         "cudnn_benchmark": args.cudnn_benchmark, "channels_last": args.channels_last,
+                         "control_stream": args.control_stream},
             "results": rows,
         }
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -156,6 +160,8 @@ def _backend_options(args, backend: str) -> dict:
             options["cuda_graphs"] = True
         if args.cudnn_benchmark:
             options["cudnn_benchmark"] = True
+        if args.control_stream:
+            options["control_stream"] = True
         options["channels_last"] = channels_last_option(args.channels_last)
         return options
     if backend == "onnx":

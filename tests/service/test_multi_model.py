@@ -79,3 +79,13 @@ def test_the_runner_keeps_the_stages_flowie_channels_last_names_in_nhwc(tiny_mod
     assert nhwc("auto") == {"swinir", "cond_encoder", "vae_decoder"}  # on the CPU
     assert nhwc("off") == set()
     assert nhwc("flow_unet") == {"flow_unet"}
+
+
+def test_the_runner_asks_for_the_control_stream_on_cuda_only(tiny_model_dir):
+    """FLOWIE_CONTROL_STREAM=true on a CPU worker starts (the setting is for CUDA) with the flag off,
+    instead of the engine's refusal; on CUDA it reaches the flow UNet (tests/test_engines_gpu.py)."""
+    from service.runner import PipelineRunner
+
+    pipe = PipelineRunner([tiny_model_dir], control_stream=True).pipelines["bfr"]
+    assert not any(engine.describe()["control_stream"] for engine in pipe.stages.values())
+    assert not pipe.stages["flow_unet"].module.control_stream
