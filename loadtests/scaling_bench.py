@@ -27,6 +27,8 @@ Peak memory:
   ``malloc_trim``, the baseline is the current RSS (model + input); per stage the kernel's peak
   counter is reset to the current RSS (``echo 5 > /proc/self/clear_refs``) and read back
   (VmHWM) afterwards. Without clear_refs, ``ru_maxrss`` gives the process peak only.
+  The children set up host memory as the service does (``--host-malloc``, default auto: on for
+  the CPU, see service/hostmem.py), so the times are the service's.
 
 On a CPU shared with other work, pass ``--threads`` no larger than the cores really free (1 on
 the 2-core dev box): with more OpenMP threads than free cores every parallel region waits for a
@@ -413,6 +415,7 @@ def spawn(args, mode: str, h: int, w: int, out_dir: Path, tag: str) -> dict:
         cmd += ["--threads", str(args.threads)]
     if not args.warmup or mode == "null":
         cmd += ["--no-warmup"]
+    cmd += ["--host-malloc", args.host_malloc]
     env = dict(os.environ)
     if args.malloc_mmap_threshold:
         # glibc: a fixed threshold turns off the dynamic one, so every allocation above it is its
@@ -702,6 +705,7 @@ def write_report(args, argv, started, t_start, rows, raw, complete: bool) -> tup
         "memory_kind": first["memory_kind"],
         "per_stage_peaks": first["per_stage_peaks"],
         "malloc_mmap_threshold": args.malloc_mmap_threshold or None,
+        "host_malloc": args.host_malloc,
         "loadavg_start_end": [raw[0]["real"]["loadavg_before"], _loadavg()],
         "rows": rows,
         "claims": claims,
@@ -746,6 +750,9 @@ def parse_args(argv=None):
     ap.add_argument("--malloc-mmap-threshold", type=int, default=0,
                     help="CPU, glibc: set MALLOC_MMAP_THRESHOLD_ (bytes, e.g. 131072) in the children so RSS "
                          "tracks live memory (less allocator noise; slower, for memory-only runs)")
+    ap.add_argument("--host-malloc", choices=["auto", "on", "off"], default="auto",
+                    help="the children's host memory, as the service's FLOWIE_HOST_MALLOC (default auto: on for the "
+                         "CPU, as `flowie serve` runs it)")
     ap.add_argument("--child-timeout", type=float, default=None, help="seconds per child process")
     ap.add_argument("--out", type=Path, default=Path("scaling-out"))
     ap.add_argument("--plot", type=Path, default=None, help="plot path (default OUT/scaling.png)")
@@ -761,6 +768,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
+        from service import hostmem
+
+        hostmem.apply(args.host_malloc, args.device)  # first: as the service does before its threads start
         result = run_child(args)
         args.result.write_text(json.dumps(result))
         return 0

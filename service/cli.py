@@ -25,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("service.commands.worker", "GPU/CPU worker: takes jobs from Redis, batches, runs the model"),
 }
 
+# Commands that run networks in this process and read FLOWIE_HOST_MALLOC from the environment.
+HOST_MEMORY_COMMANDS = ("enhance", "eval", "bench")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -48,6 +51,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.command in HOST_MEMORY_COMMANDS:  # serve and worker apply FLOWIE_HOST_MALLOC with their settings
+        from service import hostmem
+
+        try:
+            done = hostmem.apply(None, getattr(args, "device", "cpu"))
+        except ValueError as exc:
+            sys.stderr.write(f"flowie {args.command}: {exc}\n")
+            return 2
+        logging.getLogger("flowie.service.host").debug("host memory: %s", done)
     module = importlib.import_module(args._module)
     return int(module.run(args) or 0)
 

@@ -6,6 +6,7 @@ Light at import (argparse only); everything heavy is imported inside the functio
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Any
 
@@ -30,6 +31,13 @@ def load(args: argparse.Namespace, command: str) -> tuple[Any, Any] | None:
         sys.stderr.write(f"flowie {command}: {exc}\n")
         return None
     configure_logging(getattr(args, "log_level", "INFO"), settings.log_json)
+    if command != "api":  # the API process runs no network
+        from service import hostmem
+
+        # Before any thread starts: glibc fixes its arenas when a second thread first allocates.
+        done = hostmem.apply(settings.host_malloc, settings.device)
+        logging.getLogger("flowie.service.host").info("host memory", extra={"host_malloc": settings.host_malloc,
+                                                                             "detail": done})
     return settings, models
 
 
