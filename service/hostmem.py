@@ -4,7 +4,8 @@ glibc's malloc serves large blocks (the activations of a network, tens to hundre
 fresh ``mmap`` pages and unmaps them when they are freed; blocks of a thread other than the main
 one come from per-thread arenas that do the same above 64 MiB. Every stage of every image then
 touches new pages, and the kernel zero-fills each on its first touch: on the project's 2-core VM
-a demo image took ~2 million page faults and 3 s of system time (docs/PERF.md, "Host memory").
+a demo image took 1.2-1.6 million page faults and 2-3.5 s of system time (docs/PERF.md, "Host
+memory").
 
 With the setting on, before any thread or network exists, this process asks glibc (``mallopt``)
 for one arena, large blocks from the heap instead of ``mmap``, and no trimming of the heap's top:
