@@ -752,7 +752,7 @@ def parse_args(argv=None):
                          "tracks live memory (less allocator noise; slower, for memory-only runs)")
     ap.add_argument("--host-malloc", choices=["auto", "on", "off"], default="auto",
                     help="the children's host memory, as the service's FLOWIE_HOST_MALLOC (default auto: on for the "
-                         "CPU, as `flowie serve` runs it)")
+                         "CPU, as `flowie serve` runs it; off with --malloc-mmap-threshold, which it would override)")
     ap.add_argument("--child-timeout", type=float, default=None, help="seconds per child process")
     ap.add_argument("--out", type=Path, default=Path("scaling-out"))
     ap.add_argument("--plot", type=Path, default=None, help="plot path (default OUT/scaling.png)")
@@ -762,7 +762,13 @@ def parse_args(argv=None):
     ap.add_argument("--h", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--w", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.malloc_mmap_threshold and args.host_malloc != "off":
+        # hostmem's mallopt would replace the threshold the environment sets for the children.
+        if args.host_malloc == "on":
+            ap.error("--malloc-mmap-threshold needs --host-malloc off (or auto): both set glibc's mmap threshold")
+        args.host_malloc = "off"
+    return args
 
 
 def main(argv=None) -> int:

@@ -207,14 +207,14 @@ class Settings(BaseSettings):
     )
     host_malloc: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="host memory of the process that computes: auto = on when it computes on the CPU: one glibc arena, large blocks "
-        "from the heap instead of fresh mmap pages, freed memory kept for reuse, so each stage of each image does not "
-        "page-fault its activations in again (the demo on 2 cores: 1.18-1.29x per request, 1.6x at 16 MP; system "
-        "time 3.5 s -> 0.1 s per 1024x1024 image; whole-process peak -13% to +11%; docs/PERF.md, Host memory); the "
-        "memory stays with the process after a peak instead of "
-        "going back to the kernel; off = the C library's defaults; on = also on a GPU worker (not measured there). "
-        "glibc only; applied by serve and worker before their threads start, and read from the "
-        "environment by enhance, eval and bench",
+        description="host memory of the process that computes: auto = on when it computes on the CPU: one glibc arena, "
+        "large blocks from the heap instead of fresh mmap pages, freed memory kept for reuse, so each stage "
+        "of each image does not page-fault its activations in again (the demo on 2 cores: 1.18-1.29x per "
+        "request, 1.6x at 16 MP; system time 3.5 s -> 0.1 s per 1024x1024 image; whole-process peak -13% to "
+        "+11%; docs/PERF.md, Host memory); the memory stays with the process after a peak instead of going "
+        "back to the kernel; off = the C library's defaults; on = also on a GPU worker (not measured there). "
+        "glibc only; applied by serve and worker before their threads start, and read from the environment by "
+        "enhance, eval and bench",
     )
     tile_batch: int = Field(
         0, ge=0, le=64,

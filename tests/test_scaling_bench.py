@@ -49,6 +49,16 @@ def test_image_shape_and_size_parsing():
             bench.parse_sizes(bad)
 
 
+def test_a_fixed_mmap_threshold_turns_the_host_memory_setting_off():
+    """--malloc-mmap-threshold sets glibc's threshold through the children's environment; the host
+    memory setting's mallopt would replace it, so the two do not combine."""
+    bench = _load_bench()
+    assert bench.parse_args(["--model", "m"]).host_malloc == "auto"
+    assert bench.parse_args(["--model", "m", "--malloc-mmap-threshold", "131072"]).host_malloc == "off"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--model", "m", "--malloc-mmap-threshold", "131072", "--host-malloc", "on"])
+
+
 @pytest.mark.parametrize("path_args", [["--path", "streamed", "--spill-dir", "SPILL"], ["--path", "batch"]])
 def test_scaling_bench_runs_on_tiny_sizes(tiny_model_dir, tmp_path, path_args):
     # Both sizes have a side > 512 px, so tiling engages (two pixel tiles, then three) while each
