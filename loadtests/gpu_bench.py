@@ -1109,6 +1109,13 @@ class Bench:
             pipe.run_streamed(warm, params, seed=0)
         pipe.tile_batch = 1
         pipe.run_batch(imageops.images_to_tensor([warm], self.device), params, seeds=[0])
+        # Then every row count a tiled call can hold, at the tile size, as the worker's warm-up does
+        # (Runner.tile_rows): session 10 timed cuDNN's search for 5 tiles per call into the 4 MP row
+        # (0.89x one tile per call there, 2.4x at 16 MP).
+        tile_image = work_image(pipe.pixel_tile, pipe.pixel_tile)
+        for rows in range(1, tiles_per_call + 1):
+            pipe.run_batch(imageops.images_to_tensor([tile_image] * rows, self.device), params, seeds=[0] * rows)
+        rec["warmup_tile_rows"] = tiles_per_call
         self.sync()
         rec["warmup_s"] = round(time.perf_counter() - t0, 3)
         log(f"scaling warm-up at {h0}x{w0}: {rec['warmup_s']:.2f} s")
@@ -1187,11 +1194,15 @@ class Bench:
         options = {"cuda_graphs": self.cuda, "cudnn_benchmark": self.cuda}
         if compiled:
             _raise_recompile_limit()
-        stages = {n: TorchEngine(mods[n], SPECS[n], self.device, dtype, compile=n in compiled, **options)
+        # FLOWIE_CONTROL_STREAM's default (on with CUDA; inert where the flow UNet is compiled)
+        control_stream = self.cuda
+        stages = {n: TorchEngine(mods[n], SPECS[n], self.device, dtype, compile=n in compiled,
+                                 control_stream=control_stream and n == "flow_unet", **options)
                   for n in STAGES}
         meta = model_meta(self.spec, tuple(self.null_context[:1].shape), {"name": "gpu-bench random weights"})
         pipe = Pipeline(ModelInfo(path=self.out_dir, meta=meta), stages, self.null_context[:1], device=self.device)
-        rec.update(dtype=str(dtype).replace("torch.", ""), engine_options={**options, "compiled": list(compiled)},
+        rec.update(dtype=str(dtype).replace("torch.", ""),
+                   engine_options={**options, "control_stream": control_stream, "compiled": list(compiled)},
                    size=a.size, workloads={})
         batches = [max(a.batch_sizes)] if compiled else sorted({min(a.batch_sizes), max(a.batch_sizes)})
         common = {"upscale": 1.0, "min_side": 0, "tile": "off", "color_fix": "wavelet"}
@@ -1599,7 +1610,8 @@ class Bench:
             opts = service.get("engine_options", {})
             compiled = f", compiled: {', '.join(opts['compiled'])}" if opts.get("compiled") else ""
             lines.append(f"service path (Pipeline.enhance on {service.get('dtype')} engines, CUDA graphs per stage "
-                         f"{'on' if opts.get('cuda_graphs') else 'off'}{compiled}): " + "; ".join(
+                         f"{'on' if opts.get('cuda_graphs') else 'off'}"
+                         f"{', control stream' if opts.get('control_stream') else ''}{compiled}): " + "; ".join(
                 f"{wl.upper()} b{b} {e['batch_ms']:.1f} ms = {e['img_per_s']:.2f} img/s "
                 f"(+PNG {e['encode_png_batch_ms']:.1f} ms: {e['img_per_s_with_encode']:.2f})"
                 for wl, rows in service["workloads"].items() for b, e in rows.items() if e.get("status") == "done"))

@@ -93,6 +93,9 @@ class StandInRunner:
     def default_min_side(self, task: str) -> int:
         return 0
 
+    def tile_rows(self, task: str, height: int, width: int) -> int:
+        return 0
+
 
 def make_runner(compute: str, batch: int) -> Any:
     if compute == "h200":

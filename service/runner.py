@@ -37,6 +37,10 @@ class Runner(Protocol):
     def default_min_side(self, task: str) -> int:
         """The model's default ``min_side``: the work size of a typical small request."""
 
+    def tile_rows(self, task: str, height: int, width: int) -> int:
+        """Most batch rows a network call on a large image's tiles can hold when (height, width) is
+        the size of those tiles and their shapes are worth warming up; 0 otherwise."""
+
 
 class PipelineRunner:
     """Loads every model directory on ``device``; one model per task."""
@@ -44,7 +48,7 @@ class PipelineRunner:
     def __init__(self, model_dirs: list[Path], *, device: str = "cpu", dtype: str = "auto",
                  backend: str = "torch", cuda_graphs: bool = True, torch_compile: str = "off",
                  cudnn_benchmark: bool = True, channels_last: str = "auto", spill_dir: str = "auto",
-                 tile_batch: int = 0, control_stream: bool = False) -> None:
+                 tile_batch: int = 0, control_stream: bool = True) -> None:
         from engines import build_pipeline  # torch: the worker side only
         from flowie.rowstore import spill_policy
 
@@ -101,6 +105,17 @@ class PipelineRunner:
 
     def default_min_side(self, task: str) -> int:
         return int(self.pipelines[task].info.defaults.get("min_side") or 0)
+
+    def tile_rows(self, task: str, height: int, width: int) -> int:
+        # A large image's tiles go through each network up to tiles_per_call rows at a time (all its
+        # images' tiles together), in calls shaped like a batch of that many tile-sized images. On CUDA
+        # each new row count costs cuDNN's algorithm search and a CUDA-graph capture per stage on
+        # first sight: seconds (docs/PERF.md, third H200 run). The CPU has neither.
+        pipe = self.pipelines[task]
+        tile = getattr(pipe, "pixel_tile", 0)
+        if not self.device.startswith("cuda") or (height, width) != (tile, tile):
+            return 0
+        return int(pipe.tiles_per_call(tile))
 
     def memory_bytes(self) -> dict[str, int]:
         if not self.device.startswith("cuda"):

@@ -187,8 +187,10 @@ class Settings(BaseSettings):
     torch_compile: str = Field(
         "off",
         description="torch back end: torch.compile stages, for long-lived GPU workers (the warm-up pays the compile): "
-        "off; on = the flow UNet and the VAE decoder (+26% images/s over eager at batch 16 on an H200 for 100-160 s of compile "
-        "per batch-shape family; docs/PERF.md); all (SwinIR adds about 160 s); or a comma list of swinir, "
+        "off; on = the cond encoder, the flow UNet and the VAE decoder (on an H200 at batch 16, compiled under the "
+        "worker's CUDA graphs: the UNet and decoder gave 1.41x eager's BFR images/s for about 85-120 s of compile per "
+        "batch-shape family; the cond encoder's compile, 17 s, ran that stage 1.5x faster; docs/PERF.md); "
+        "all (SwinIR adds 90-160 s of compile, for its stage 2x faster); or a comma list of swinir, "
         "cond_encoder, flow_unet, vae_decoder",
     )
     channels_last: str = Field(
@@ -199,11 +201,11 @@ class Settings(BaseSettings):
         "off; on = those three stages on any device; all; or a comma list of stages",
     )
     control_stream: bool = Field(
-        False,
+        True,
         description="torch back end on CUDA: the flow UNet runs FlowIE's ControlNet on a second CUDA stream while "
         "the UNet's down path, which does not need its residuals, runs on the first (same operations, same numbers; "
-        "for small batches, where one stream leaves most of a large GPU idle); off until a GPU benchmark measures "
-        "it (docs/PERF.md, gpu_bench section control_stream)",
+        "an H200 with CUDA graphs: BFR 1.08x at batch 1, DiffBIR-style 50 steps 1.13x, the same at batch 16; "
+        "docs/PERF.md); inert on the CPU and where the flow UNet is compiled",
     )
     host_malloc: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -237,7 +239,9 @@ class Settings(BaseSettings):
         description="work sizes the worker runs once at every batch size up to max_batch before it reports "
         "ready, so that the first requests do not pay CUDA-graph capture, the cuDNN algorithm search or "
         "torch.compile: auto = on CUDA the square of each model's default min_side, on the CPU none; off; or "
-        "a comma list of HxW (e.g. 512x512,768x512)",
+        "a comma list of HxW (e.g. 512x512,768x512). On CUDA the size of a large image's tiles (512x512 for the "
+        "official models) runs up to FLOWIE_TILE_BATCH images when that is more than max_batch: tiled calls "
+        "have those shapes",
     )
     codec_threads: int = Field(
         0, ge=0, le=64,

@@ -33,7 +33,9 @@ it for the cores, and a lone answer saves the hand-over to another thread.
 Warm-up (``FLOWIE_WARMUP``): before it reports ready, the worker runs each warm-up work size once
 at every batch size up to ``max_batch`` on a blank image, so that the first requests of that size do
 not pay what a new input shape costs on a GPU (CUDA-graph capture, the cuDNN algorithm search,
-torch.compile). Its progress is logged and shown by /readyz; a failing size is logged and skipped.
+torch.compile). A size equal to a large image's tiles on CUDA runs up to the tiles per network call
+(``FLOWIE_TILE_BATCH``, 8) when that is more: tiled calls have those shapes. Its progress is logged
+and shown by /readyz; a failing size is logged and skipped.
 
 Shutdown (``request_stop``, SIGTERM): the batch in progress finishes and is stored; jobs taken
 but not started are handed back to the queue for other workers.
@@ -203,11 +205,18 @@ class Worker:
             return {task: [(side, side)] for task, side in sides.items() if side >= MIN_WARMUP_SIDE}
         return {task: warmup_sizes(setting) for task in self.runner.tasks}
 
+    def _warmup_batches(self, task: str, height: int, width: int) -> int:
+        """Batch sizes 1..n to warm a size up at: max_batch, or more for a large image's tile size,
+        whose calls on CUDA stack up to FLOWIE_TILE_BATCH tiles (Runner.tile_rows)."""
+        assert self.runner is not None
+        return max(self.max_batch, self.runner.tile_rows(task, height, width))
+
     async def _warm_up(self) -> None:
-        """Run every warm-up size once at each batch size up to max_batch, before reporting ready."""
+        """Run every warm-up size once at each batch size up to max_batch (up to the tiles per call
+        for the size of a large image's tiles), before reporting ready."""
         assert self.runner is not None
         plan = self._warmup_plan()
-        runs = sum(len(sizes) for sizes in plan.values()) * self.max_batch
+        runs = sum(self._warmup_batches(task, h, w) for task, sizes in plan.items() for h, w in sizes)
         if not runs:
             return
         log.info("warming up: %d batches", runs, extra={"worker_id": self.worker_id})
@@ -216,11 +225,12 @@ class Worker:
         for task, sizes in plan.items():
             for height, width in sizes:
                 blank = np.full((height, width, 3), 128, dtype=np.uint8)
-                for n in range(1, self.max_batch + 1):
+                top = self._warmup_batches(task, height, width)
+                for n in range(1, top + 1):
                     if self._stopping:
                         return
                     done += 1
-                    self.warming = f"{task} {height}x{width}, batch {n} of {self.max_batch} ({done}/{runs})"
+                    self.warming = f"{task} {height}x{width}, batch {n} of {top} ({done}/{runs})"
                     t0 = time.perf_counter()
                     try:
                         await self._on_compute_thread(self.runner.enhance, task, [blank] * n, params,

@@ -187,6 +187,7 @@ def test_tiny_run_measures_the_pipeline_against_image_size(tiny_run):
     assert sections["scaling"]["status"] == "done", sections["scaling"]
     rows = data["scaling"]["rows"]
     assert data["scaling"]["warmup_s"] > 0  # first-call costs stay out of the first timed row
+    assert data["scaling"]["warmup_tile_rows"] == data["scaling"]["tile_batches"]["streamed_tiles2"] == 2
     assert data["scaling"]["tile_batches"] == {"streamed": 1, "streamed_tiles2": 2, "batch": 1}
     assert [(r["h"], r["w"]) for r in rows] == [(576, 64), (1088, 64)]
     for row in rows:
@@ -201,7 +202,8 @@ def test_tiny_run_measures_the_service_path_on_the_engines(tiny_run):
     sections = {s["name"]: s for s in data["sections"]}
     assert sections["service"]["status"] == "done", sections["service"]
     service = data["service"]
-    assert service["engine_options"] == {"cuda_graphs": False, "cudnn_benchmark": False, "compiled": []}  # a CPU
+    assert service["engine_options"] == {"cuda_graphs": False, "cudnn_benchmark": False, "control_stream": False,
+                                         "compiled": []}  # a CPU
     for workload in ("bfr", "bsr"):
         rows = service["workloads"][workload]
         assert set(rows) == {"1", "2"}

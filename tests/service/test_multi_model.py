@@ -46,8 +46,8 @@ def test_two_model_directories_for_one_task_are_refused(tiny_model_dir, make_set
 
 
 def test_the_runner_compiles_the_stages_flowie_torch_compile_names(tiny_model_dir):
-    """FLOWIE_TORCH_COMPILE reaches the engines: `on` wraps the flow UNet and the VAE decoder in
-    torch.compile and leaves the other stages eager; `off` compiles none. (Wrapping is lazy: this
+    """FLOWIE_TORCH_COMPILE reaches the engines: `on` wraps the cond encoder, the flow UNet and the VAE
+    decoder in torch.compile and leaves SwinIR eager; `off` compiles none. (Wrapping is lazy: this
     builds the engines and compiles nothing.)"""
     from service.runner import PipelineRunner
 
@@ -55,7 +55,7 @@ def test_the_runner_compiles_the_stages_flowie_torch_compile_names(tiny_model_di
         pipe = PipelineRunner([tiny_model_dir], torch_compile=setting).pipelines["bfr"]
         return {name for name, engine in pipe.stages.items() if engine.describe()["compile"]}
 
-    assert compiled("on") == {"flow_unet", "vae_decoder"}
+    assert compiled("on") == {"cond_encoder", "flow_unet", "vae_decoder"}
     assert compiled("off") == set()
     assert compiled("swinir") == {"swinir"}
 
@@ -67,6 +67,19 @@ def test_the_runner_sets_the_tiles_per_call_flowie_tile_batch_names(tiny_model_d
     assert auto.tile_batch == 0  # by device: on the CPU, up to one official tile's area per call
     assert (auto.tiles_per_call(512), auto.tiles_per_call(128)) == (1, 16)
     assert PipelineRunner([tiny_model_dir], tile_batch=3).pipelines["bfr"].tile_batch == 3
+
+
+def test_the_runner_names_the_tile_size_and_its_rows_per_call_for_the_warm_up_on_cuda_only(tiny_model_dir):
+    """Runner.tile_rows: on CUDA, for the model's pixel tile (512 here), the rows a tiled call can hold
+    (FLOWIE_TILE_BATCH); 0 for other sizes and on the CPU (no per-shape cost to warm away there)."""
+    from service.runner import PipelineRunner
+
+    cpu = PipelineRunner([tiny_model_dir], tile_batch=6)
+    assert cpu.tile_rows("bfr", 512, 512) == 0
+    pipe = cpu.pipelines["bfr"]
+    as_cuda = PipelineRunner.from_pipelines({"bfr": pipe}, "cuda:0")  # the rule only: nothing runs
+    assert (pipe.pixel_tile, as_cuda.tile_rows("bfr", 512, 512)) == (512, 6)
+    assert as_cuda.tile_rows("bfr", 512, 448) == as_cuda.tile_rows("bfr", 256, 256) == 0
 
 
 def test_the_runner_keeps_the_stages_flowie_channels_last_names_in_nhwc(tiny_model_dir):

@@ -44,6 +44,9 @@ class Recording:
     def memory_bytes(self):
         return self.runner.memory_bytes()
 
+    def tile_rows(self, task, height, width):
+        return self.runner.tile_rows(task, height, width)
+
     def enhance(self, task, images, params, seeds):
         self.batches.append((params.sampler, [image.shape[:2] for image in images], list(seeds)))
         if self.on_batch:
@@ -583,6 +586,28 @@ def test_the_worker_warms_up_every_batch_size_before_it_reports_ready(tiny_runne
         [(128, 128)], [(128, 128)] * 2, [(192, 128)], [(192, 128)] * 2, [(90, 90)]]
     assert [ready for ready, _ in seen] == [False] * 4 + [True]
     assert seen[1][1] == "bfr 128x128, batch 2 of 2 (2/4)" and seen[4][1] is None
+
+
+def test_the_warm_up_runs_a_large_image_s_tile_size_up_to_the_tiles_per_call(tiny_runner, make_settings):
+    """On CUDA a tiled image's network calls stack up to FLOWIE_TILE_BATCH tiles: shapes of a batch of
+    that many tile-sized images, each new one a cuDNN search and a graph capture. The runner says so
+    for the tile size (here 128x128 stands in for it, with 3 rows per call); other sizes stop at
+    max_batch."""
+    class TileRows(Recording):
+        def tile_rows(self, task, height, width):
+            return 3 if (height, width) == (128, 128) else 0
+
+    settings = make_settings(max_batch=2, max_wait_ms=0.0, warmup="128x128,192x128")
+    queue = MemoryJobQueue(16, 60)
+    seen: list[str | None] = []
+    worker = Worker(queue, lambda: runner, settings, Metrics())
+    runner = TileRows(tiny_runner, on_batch=lambda: seen.append(worker.warming))
+
+    result = asyncio.run(one_job_through(worker, queue, make_job(90, 90)))
+    assert result.state == "done"
+    assert [shapes for _, shapes, _ in runner.batches] == [
+        [(128, 128)], [(128, 128)] * 2, [(128, 128)] * 3, [(192, 128)], [(192, 128)] * 2, [(90, 90)]]
+    assert seen[2] == "bfr 128x128, batch 3 of 3 (3/5)" and seen[4] == "bfr 192x128, batch 2 of 2 (5/5)"
 
 
 def test_a_warm_up_size_that_fails_is_skipped_and_the_worker_serves(tiny_runner, make_settings, caplog):
