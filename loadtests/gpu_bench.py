@@ -1173,7 +1173,7 @@ class Bench:
         run of the same networks (BSR-style: 1 evaluation, no upscale) at the bench's size, batch 1
         and the largest; wall clock, median of repeats after two warm-up calls (graph capture). The
         answers are then encoded as the worker encodes them (PNG at the service's default zlib level,
-        on min(8, cores) codec threads), timed apart: on a GPU this CPU work can rival the compute.
+        in bands on min(8, cores) codec threads shared out among the batch's answers), timed apart: on a GPU this CPU work can rival the compute.
 
         ``compiled``: stages to ``torch.compile`` as ``FLOWIE_TORCH_COMPILE`` does (section
         ``service_compile``: the largest batch only, whose first calls include the compile; no
@@ -1187,7 +1187,7 @@ class Bench:
         from flowie.params import EnhanceParams
         from flowie.pipeline import Pipeline
         from flowie.stages import STAGES as SPECS
-        from service.imaging import DEFAULT_PNG_COMPRESS_LEVEL, default_codec_threads, encode_image
+        from service.imaging import DEFAULT_PNG_COMPRESS_LEVEL, default_codec_threads, submit_encode
 
         a = self.args
         mods = self.modules_for(dtype, False)
@@ -1239,9 +1239,13 @@ class Bench:
                         stage_s = out[0].timings
                     batch_ms = median(times) * 1000
                     encode_times = []
+                    bands = max(1, rec["codec_threads"] // b)  # as the worker shares its codec threads out
                     for _ in range(3):
                         t0 = time.perf_counter()
-                        list(codec.map(lambda r: encode_image(r.image, "png"), out))
+                        answers = [submit_encode(codec, r.image, "png", None, DEFAULT_PNG_COMPRESS_LEVEL, bands)
+                                   for r in out]
+                        for answer in answers:
+                            answer.result()
                         encode_times.append(time.perf_counter() - t0)
                     encode_ms = median(encode_times) * 1000
                     rows[str(b)] = {"status": "done", "batch_ms": batch_ms, "ms_per_img": batch_ms / b,

@@ -20,18 +20,21 @@ import io
 import math
 import os
 import warnings
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
+
+from service import png
 
 # Pillow plugin names we let Image.open try; nothing else is ever parsed.
 PILLOW_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 OUTPUT_FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 DEFAULT_QUALITY = {"png": None, "jpeg": 95, "webp": 90}
 # zlib level of PNG outputs (lossless at every level: only time and size change). Measured on a
-# 512 x 512 photo (docs/PERF.md, "Encoding the answer"): level 1 takes a third of level 6's time
-# for 10 % more bytes, and the encode is on the path of every answer.
+# 512 x 512 photo (docs/PERF.md, "Encoding the answer", "PNG answers in bands"): level 1 takes 0.29x
+# level 6's time for 4 % more bytes, and the encode is on the path of every answer.
 DEFAULT_PNG_COMPRESS_LEVEL = 1
 # Smallest padded work side the networks accept: the latent (1/8 of the image) is halved three
 # times in the UNet, and its GroupNorms fail on a 1 x 1 map (a 64 px side). Measured with the
@@ -209,20 +212,30 @@ def default_codec_threads() -> int:
 def encode_image(rgb: np.ndarray, fmt: str, quality: int | None = None,
                  png_compress_level: int = DEFAULT_PNG_COMPRESS_LEVEL) -> bytes:
     """uint8 [H, W, 3] RGB -> bytes of png | jpeg | webp (quality 1..100; PNG ignores it and is
-    compressed at zlib level ``png_compress_level``, 0..9)."""
+    compressed at zlib level ``png_compress_level``, 0..9, by ``service.png`` on this thread)."""
     if fmt not in OUTPUT_FORMATS:
         raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
-    image = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), mode="RGB") if rgb.ndim == 3 \
-        else Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8))
+    pixels = np.ascontiguousarray(rgb, dtype=np.uint8)
+    if fmt == "png":
+        return png.encode_png(pixels, int(png_compress_level))
+    image = Image.fromarray(pixels, mode="RGB") if rgb.ndim == 3 else Image.fromarray(pixels)
     buffer = io.BytesIO()
     q = quality if quality is not None else DEFAULT_QUALITY[fmt]
-    if fmt == "png":
-        image.save(buffer, format="PNG", compress_level=int(png_compress_level))
-    elif fmt == "jpeg":
+    if fmt == "jpeg":
         image.save(buffer, format="JPEG", quality=int(q), subsampling=0 if int(q) >= 90 else 2)
     else:
         image.save(buffer, format="WEBP", quality=int(q), method=4)
     return buffer.getvalue()
+
+
+def submit_encode(pool: Executor, rgb: np.ndarray, fmt: str, quality: int | None = None,
+                  png_compress_level: int = DEFAULT_PNG_COMPRESS_LEVEL, png_bands: int = 1) -> Future[bytes]:
+    """``encode_image`` on ``pool``; a PNG in up to ``png_bands`` bands compressed side by side (a lone
+    answer can use every codec thread). Errors come back on the future. Awaiting the future from a
+    thread of ``pool`` cannot deadlock: no task of it waits for another."""
+    if fmt == "png":
+        return png.submit_png(pool, np.ascontiguousarray(rgb, dtype=np.uint8), int(png_compress_level), png_bands)
+    return pool.submit(encode_image, rgb, fmt, quality, png_compress_level)
 
 
 def plan_sizes(height: int, width: int, upscale: float, min_side: int,

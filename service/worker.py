@@ -26,9 +26,10 @@ belong to the calling thread). Answers (``FLOWIE_ENCODE_OVERLAP``, auto = on wit
 pipeline is done with a batch, the compute thread hands its outputs to the codec threads and takes
 the next batch while a task stores the answers; at most one batch's answers are in flight, so the
 next batch's are stored only after them. On a GPU the encoding (a 512 x 512 PNG takes tens of ms of
-CPU) would otherwise add its time to every batch. On the CPU the compute thread encodes the answers
-itself before the next batch: there the encoding is a few per cent of compute and would compete with
-it for the cores, and a lone answer saves the hand-over to another thread.
+CPU) would otherwise add its time to every batch. On the CPU the answers are encoded before the next
+batch: there the encoding is a few per cent of compute and would compete with it for the cores. A PNG
+answer is compressed in horizontal bands side by side (``service.png``): the codec threads are shared
+out among a batch's answers, so a lone answer, whose encode is on its request's path, uses them all.
 
 Warm-up (``FLOWIE_WARMUP``): before it reports ready, the worker runs each warm-up work size once
 at every batch size up to ``max_batch`` on a blank image, so that the first requests of that size do
@@ -67,6 +68,7 @@ from service.imaging import (
     default_codec_threads,
     encode_image,
     pixels_to_decode,
+    submit_encode,
 )
 from service.logs import request_id_var
 from service.metrics import Metrics
@@ -525,10 +527,11 @@ class Worker:
         context = contextvars.copy_context()
         return await asyncio.get_running_loop().run_in_executor(self._compute_pool, context.run, function, *args)
 
-    async def _gather_answers(self, handed: list[Future[bytes | Exception]],
+    async def _gather_answers(self, handed: list[Future[bytes]],
                               handed_at: float) -> tuple[list[bytes | Exception], float]:
         """The answers the codec threads are encoding, and the seconds since they were handed over."""
-        answers = list(await asyncio.gather(*(asyncio.wrap_future(f) for f in handed)))
+        # An answer that could not be encoded comes back as its exception: that job fails alone.
+        answers = list(await asyncio.gather(*(asyncio.wrap_future(f) for f in handed), return_exceptions=True))
         return answers, time.perf_counter() - handed_at
 
     async def _deliver(self, task: str, batch: list[_Prepared], outputs: list[Any],
@@ -610,23 +613,43 @@ class Worker:
             raise RuntimeError(f"pipeline returned {len(outputs)} results for {len(batch)} images")
         return outputs
 
+    def _png_bands(self, batch_size: int) -> int:
+        """Bands each PNG answer of a batch is compressed in, side by side: the codec threads shared
+        out among the answers, so a lone answer uses them all (service.png)."""
+        return max(1, self._codec_threads // batch_size)
+
+    def _submit_answers(self, batch: list[_Prepared], outputs: list[Any]) -> list[Future[bytes]]:
+        """Hand each output to the codec threads to encode in its job's format."""
+        bands = self._png_bands(len(batch))
+        return [submit_encode(self._codec, out.image, p.delivery.job.output_format, p.delivery.job.quality,
+                              self.settings.png_compress_level, bands)
+                for p, out in zip(batch, outputs, strict=True)]
+
+    @staticmethod
+    def _outcome(answer: Future[bytes]) -> bytes | Exception:
+        try:
+            return answer.result()
+        except Exception as exc:  # noqa: BLE001 - reported per job by _deliver
+            return exc
+
     def _compute_and_encode(self, task: str, batch: list[_Prepared]) -> tuple[list[Any], list[bytes | Exception], float]:
         """Compute thread: run the batch, then encode each output in its job's format (on the codec
-        threads when there are several): (outputs, answers, seconds the encoding took)."""
+        threads, unless a lone answer has one band: then here, which saves the hand-over):
+        (outputs, answers, seconds the encoding took)."""
         outputs = self._compute(task, batch)
         started = time.perf_counter()
-        if len(batch) > 1:
-            answers = list(self._codec.map(self._encode, batch, outputs))
-        else:
+        if len(batch) == 1 and self._png_bands(1) == 1:
             answers = [self._encode(batch[0], outputs[0])]
+        else:
+            answers = [self._outcome(f) for f in self._submit_answers(batch, outputs)]
         return outputs, answers, time.perf_counter() - started
 
-    def _compute_and_hand_off(self, task: str, batch: list[_Prepared]) -> tuple[list[Any], list[Future[bytes | Exception]], float]:
+    def _compute_and_hand_off(self, task: str, batch: list[_Prepared]) -> tuple[list[Any], list[Future[bytes]], float]:
         """Compute thread: run the batch and hand each output to the codec threads to encode, without
         waiting for them: (outputs, their answers to come, when they were handed over)."""
         outputs = self._compute(task, batch)
         handed_at = time.perf_counter()
-        return outputs, [self._codec.submit(self._encode, p, out) for p, out in zip(batch, outputs, strict=True)], handed_at
+        return outputs, self._submit_answers(batch, outputs), handed_at
 
     async def _finish(self, delivery: Delivery, result: JobResult, *, outcome: str) -> None:
         """Store the result and acknowledge; while the queue is down keep trying until the deadline

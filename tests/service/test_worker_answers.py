@@ -11,6 +11,7 @@ import uuid
 import pytest
 from test_worker_batching import (
     Recording,
+    encode_with,
     job_outcomes,
     make_job,
     recording_worker,
@@ -18,7 +19,6 @@ from test_worker_batching import (
     running_worker,
 )
 
-import service.worker as worker_module
 from service.imaging import encode_image
 from service.metrics import Metrics
 from service.queue.memory import MemoryJobQueue
@@ -47,7 +47,7 @@ def test_the_next_batch_computes_while_the_previous_answers_are_encoded(tiny_run
             seen["held"] = {d.job.id for d in holder["worker"].held()}  # overlapped: the next batch computes
         return encode_image(image, fmt, quality, level)
 
-    monkeypatch.setattr(worker_module, "encode_image", encode_spy)
+    encode_with(monkeypatch, encode_spy)
     settings = make_settings(max_batch=1, max_wait_ms=0.0, encode_overlap="on" if overlap else "off")
     queue = MemoryJobQueue(16, 60)
     compute_threads: list[str] = []
@@ -99,7 +99,7 @@ def test_the_next_batchs_uploads_do_not_wait_behind_the_previous_answers(tiny_ru
             encode_waits[call] = second_started.wait(COMPUTE_S)
         return encode_image(image, fmt, quality, level)
 
-    monkeypatch.setattr(worker_module, "encode_image", encode_spy)
+    encode_with(monkeypatch, encode_spy)
     settings = make_settings(max_batch=2, max_wait_ms=0.0, encode_overlap="on", codec_threads=2)
     queue = MemoryJobQueue(16, 60)
     runner = Recording(tiny_runner, on_batch=lambda: len(runner.batches) == 2 and second_started.set())
@@ -134,7 +134,7 @@ def test_a_job_whose_answer_cannot_be_encoded_fails_alone(tiny_runner, make_sett
             raise OSError("encoder broke")
         return encode_image(image, fmt, quality, level)
 
-    monkeypatch.setattr(worker_module, "encode_image", encode_or_fail)
+    encode_with(monkeypatch, encode_or_fail)
     settings = make_settings(max_batch=2, max_wait_ms=300.0, encode_overlap="on" if overlap else "off")
     queue = MemoryJobQueue(16, 60)
     runner = Recording(tiny_runner)
@@ -165,7 +165,7 @@ def test_stop_stores_the_answers_in_flight_before_leaving(tiny_runner, make_sett
         release.wait(COMPUTE_S)  # the answer is still being encoded when the stop arrives
         return encode_image(image, fmt, quality, level)
 
-    monkeypatch.setattr(worker_module, "encode_image", slow_encode)
+    encode_with(monkeypatch, slow_encode)
     settings = make_settings(max_batch=1, max_wait_ms=0.0, encode_overlap="on")
     queue = MemoryJobQueue(16, 60)
     job = make_job(90, 90)

@@ -95,17 +95,30 @@ def test_jobs_batch_by_params_and_padded_shape_and_dead_jobs_never_compute(tiny_
     assert sum(len(shapes) for _, shapes, _ in runner.batches) == 4
 
 
-def test_a_batch_is_encoded_on_the_codec_threads_each_job_in_its_own_format(tiny_runner, make_settings, monkeypatch):
+def encode_with(monkeypatch, encode) -> None:
+    """Make the worker encode each answer with ``encode(image, fmt, quality, level)``, one task per
+    answer on its codec threads (a lone answer with one PNG band: on the compute thread)."""
     import service.worker as worker_module
-    from service.imaging import encode_image
+
+    monkeypatch.setattr(worker_module, "encode_image", encode)
+    monkeypatch.setattr(worker_module, "submit_encode",
+                        lambda pool, image, fmt, quality, level, bands: pool.submit(encode, image, fmt, quality, level))
+
+
+def test_a_batch_is_encoded_on_the_codec_threads_each_job_in_its_own_format(tiny_runner, make_settings, monkeypatch):
+    import service.imaging as imaging
+    import service.png as png
 
     threads: list[str] = []
 
-    def spy(*args, **kwargs):  # the real encoder, noting the thread it runs on
-        threads.append(threading.current_thread().name)
-        return encode_image(*args, **kwargs)
+    def spy(real):  # the real encoder, noting the thread it runs on
+        def run(*args, **kwargs):
+            threads.append(threading.current_thread().name)
+            return real(*args, **kwargs)
+        return run
 
-    monkeypatch.setattr(worker_module, "encode_image", spy)
+    monkeypatch.setattr(png, "deflate_band", spy(png.deflate_band))  # PNG answers: one band each here
+    monkeypatch.setattr(imaging, "encode_image", spy(imaging.encode_image))  # the JPEG one
     settings = make_settings(max_batch=3, max_wait_ms=300.0, png_compress_level=9, codec_threads=2)
     queue, metrics = MemoryJobQueue(16, 60), Metrics()
     worker = Worker(queue, lambda: tiny_runner, settings, metrics)
