@@ -1173,7 +1173,8 @@ class Bench:
         run of the same networks (BSR-style: 1 evaluation, no upscale) at the bench's size, batch 1
         and the largest; wall clock, median of repeats after two warm-up calls (graph capture). The
         answers are then encoded as the worker encodes them (PNG at the service's default zlib level,
-        in bands on min(8, cores) codec threads shared out among the batch's answers), timed apart: on a GPU this CPU work can rival the compute.
+        in bands on min(8, cores) codec threads shared out among the batch's answers), timed apart:
+        on a GPU this CPU work can rival the compute.
 
         ``compiled``: stages to ``torch.compile`` as ``FLOWIE_TORCH_COMPILE`` does (section
         ``service_compile``: the largest batch only, whose first calls include the compile; no

@@ -553,7 +553,7 @@ class Worker:
                 if p.job_id in finished_meanwhile:  # cancelled as compute began: drop the output
                     await self._finish_cancelled(p.delivery)
                     continue
-                if isinstance(answer, Exception):
+                if isinstance(answer, BaseException):  # its encode failed (or was cancelled)
                     log.error("answer could not be encoded", exc_info=answer,
                               extra={"job_id": job.id, "request_id": job.request_id})
                     await self._finish(p.delivery, JobResult.failure(
