@@ -108,12 +108,14 @@ class PipelineRunner:
 
     def tile_rows(self, task: str, height: int, width: int) -> int:
         # A large image's tiles go through each network up to tiles_per_call rows at a time (all its
-        # images' tiles together), in calls shaped like a batch of that many tile-sized images. On CUDA
-        # each new row count costs cuDNN's algorithm search and a CUDA-graph capture per stage on
-        # first sight: seconds (docs/PERF.md, third H200 run). The CPU has neither.
+        # images' tiles together). When the pixel, latent and decoder tiles cover the same area (the
+        # official models: 512 px), those calls are shaped like a batch of that many tile-sized
+        # images. On CUDA each new row count costs cuDNN's algorithm search and a CUDA-graph capture
+        # per stage on first sight: seconds (docs/PERF.md, third H200 run). The CPU has neither.
         pipe = self.pipelines[task]
-        tile = getattr(pipe, "pixel_tile", 0)
-        if not self.device.startswith("cuda") or (height, width) != (tile, tile):
+        tile = pipe.pixel_tile
+        same_area = pipe.latent_tile * 8 == pipe.decoder_tile * 8 == tile
+        if not self.device.startswith("cuda") or not same_area or (height, width) != (tile, tile):
             return 0
         return int(pipe.tiles_per_call(tile))
 

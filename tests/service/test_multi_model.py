@@ -82,6 +82,20 @@ def test_the_runner_names_the_tile_size_and_its_rows_per_call_for_the_warm_up_on
     assert as_cuda.tile_rows("bfr", 512, 448) == as_cuda.tile_rows("bfr", 256, 256) == 0
 
 
+def test_no_tile_rows_when_the_model_s_tiles_differ_by_stage():
+    """The demo's pixel tiles (576 px) and UNet tiles (16 latents) differ: its tiled calls are not
+    shaped like a batch of tile-sized images, so the warm-up has nothing to add."""
+    from pathlib import Path
+
+    from service.runner import PipelineRunner
+
+    demo = Path(__file__).resolve().parents[2] / "models" / "demo"
+    pipe = next(iter(PipelineRunner([demo]).pipelines.values()))
+    as_cuda = PipelineRunner.from_pipelines({"restore": pipe}, "cuda:0")  # the rule only: nothing runs
+    assert (pipe.pixel_tile, pipe.latent_tile) == (576, 16)
+    assert as_cuda.tile_rows("restore", 576, 576) == 0
+
+
 def test_the_runner_keeps_the_stages_flowie_channels_last_names_in_nhwc(tiny_model_dir):
     from service.runner import PipelineRunner
 
