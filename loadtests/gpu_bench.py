@@ -22,6 +22,9 @@ values -- and measures at 512x512 (latent 64x64), per stage and end to end, for 
 - the service path: ``Pipeline.enhance`` on the service's engines (per-stage CUDA graphs,
   uint8 in and out) at the smallest and largest batch, against the modes above, and the real
   worker on that pipeline with its answers encoded before or while the next batch computes;
+  ``service_compile``: the same with ``--service-compile-stages`` compiled under the graphs
+  (``FLOWIE_TORCH_COMPILE``'s words: on, all, or a stage list); every answer of both is checked
+  against fp32 engines' answers to the same requests, and these rows count towards the targets;
 - the compute floor: FLOPs counted with ``torch.utils.flop_counter`` per stage at batch 1, the
   card's measured dense matmul rates and copy bandwidth, and the achieved fraction per mode;
 - a numeric check of every fast mode against fp32 eager on the same inputs, weights and noise
@@ -179,6 +182,17 @@ def psnr_db(out: torch.Tensor, ref: torch.Tensor) -> dict:
     return result
 
 
+def _psnr_text(check: dict) -> str:
+    """A ``psnr_db`` result in a few words, for the log and the table."""
+    if check.get("nonfinite"):
+        return "NaN!"
+    if check.get("exact"):
+        return "exact"
+    if check.get("psnr_db") is None:
+        return "no check"
+    return f"PSNR {check['psnr_db']:.1f} dB" + ("" if check.get("ok") else "!")
+
+
 class WaveletColourFix:
     """flowie.colorfix.wavelet_color_fix with its blur kernel made once, ahead of time.
 
@@ -317,6 +331,8 @@ class Bench:
         self.copies: dict[tuple, dict[str, nn.Module]] = {}
         self.compiled: dict[str, dict] = {}
         self.refs: dict[str, torch.Tensor] = {}
+        # fp32 answers of the service path, by (workload, batch): what the service sections check against
+        self.service_refs: dict[tuple[str, int], list] = {}
         self.colour_fix: WaveletColourFix | None = None
 
     # -------------------------------------------------------------- bookkeeping
@@ -1179,6 +1195,10 @@ class Bench:
         ``compiled``: stages to ``torch.compile`` as ``FLOWIE_TORCH_COMPILE`` does (section
         ``service_compile``: the largest batch only, whose first calls include the compile; no
         worker run). Empty: the service's defaults (section ``service``).
+
+        Every row's answers are checked against the same requests run through fp32 engines without
+        graphs or compile (``vs_fp32``: PSNR of the uint8 images, goal >= 40 dB), so a faster service
+        path never silently serves different pictures.
         """
         from concurrent.futures import ThreadPoolExecutor
 
@@ -1239,6 +1259,7 @@ class Bench:
                         times.append(time.perf_counter() - t0)
                         stage_s = out[0].timings
                     batch_ms = median(times) * 1000
+                    vs_fp32 = self._service_check(workload, params, images, seeds, out)
                     encode_times = []
                     bands = max(1, rec["codec_threads"] // b)  # as the worker shares its codec threads out
                     for _ in range(3):
@@ -1253,11 +1274,12 @@ class Bench:
                                     "img_per_s": b / (batch_ms / 1000), "reps": len(times), "first_calls_ms": first,
                                     "stages_ms": {k: round(v * 1000, 3) for k, v in stage_s.items()},
                                     "encode_png_batch_ms": encode_ms,
-                                    "img_per_s_with_encode": b / ((batch_ms + encode_ms) / 1000)}
+                                    "img_per_s_with_encode": b / ((batch_ms + encode_ms) / 1000),
+                                    "vs_fp32": vs_fp32}
                     if self.cuda:
                         rows[str(b)]["peak_allocated_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
                     log(f"{rec['name']} {workload} b={b}: {batch_ms:.1f} ms/batch, {b / (batch_ms / 1000):.2f} img/s; "
-                        f"PNG answers {encode_ms:.1f} ms more; first calls {first} ms")
+                        f"PNG answers {encode_ms:.1f} ms more; first calls {first} ms; {_psnr_text(vs_fp32)} vs fp32")
                     self.save()
             if compiled:
                 return
@@ -1273,6 +1295,32 @@ class Bench:
             if self.cuda:
                 torch.cuda.empty_cache()
             self.data[rec["name"]] = rec
+
+    def _service_check(self, workload: str, params: Any, images: list, seeds: list[int], out: list) -> dict:
+        """The service path's answers ``out`` against fp32 engines' answers to the same requests (made
+        once per workload and batch, on the fp32 masters, no CUDA graphs, no compile): PSNR of the
+        uint8 images as served."""
+        from engines.torch_engine import TorchEngine
+        from flowie.convert import model_meta
+        from flowie.modeldir import ModelInfo
+        from flowie.pipeline import Pipeline
+        from flowie.stages import STAGES as SPECS
+
+        key = (workload, len(images))
+        try:
+            if key not in self.service_refs:
+                engines = {n: TorchEngine(m, SPECS[n], self.device, torch.float32) for n, m in self.masters.items()}
+                meta = model_meta(self.spec, tuple(self.null_context[:1].shape), {"name": "gpu-bench random weights"})
+                pipe = Pipeline(ModelInfo(path=self.out_dir, meta=meta), engines, self.null_context[:1],
+                                device=self.device)
+                torch.set_float32_matmul_precision("highest")  # as the fp32 baseline mode runs
+                ref = pipe.enhance(images, params, seeds=seeds, keep_restored=False)
+                self.service_refs[key] = [torch.from_numpy(r.image.copy()) for r in ref]
+            got = torch.stack([torch.from_numpy(r.image.copy()) for r in out]).float() / 255
+            return psnr_db(got, torch.stack(self.service_refs[key]).float() / 255)
+        except Exception as exc:  # noqa: BLE001 - the row keeps its timing
+            log(f"service check against fp32 failed: {type(exc).__name__}: {exc}"[:300])
+            return {"ok": None, "error": f"{type(exc).__name__}: {exc}"[:500]}
 
     def _worker_overlap(self, pipe: Any, params: Any, image: Any) -> dict:
         """The real worker on the real in-memory queue computing with ``pipe``: images/s of a backlog of
@@ -1451,11 +1499,11 @@ class Bench:
                      min_s=0 if a.tiny else 40, skip_reason=skip_unless("service"))
         compile_skip = skip_unless("compile") or (None if self.cuda or a.cpu_compile else
                                                   "torch.compile is measured on the GPU only; pass --cpu-compile")
-        # The service with FLOWIE_TORCH_COMPILE=on: its stages compiled under its CUDA graphs.
-        from flowie.stages import COMPILE_ON_STAGES
-
+        # The service with FLOWIE_TORCH_COMPILE=on (or --service-compile-stages): its stages compiled
+        # under its CUDA graphs.
         self.section("service_compile",
-                     lambda rec: self.sec_service(rec, hdtype if self.cuda else torch.float32, COMPILE_ON_STAGES),
+                     lambda rec: self.sec_service(rec, hdtype if self.cuda else torch.float32,
+                                                  tuple(a.service_compile_stages)),
                      min_s=0 if a.tiny else a.compile_min_s,
                      skip_reason=skip_unless("service_compile") or (None if self.cuda or a.cpu_compile else
                                                                     "torch.compile is measured on the GPU only; "
@@ -1529,6 +1577,16 @@ class Bench:
                                        ("bsr_img_per_s", row["bsr_big_img_per_s"], max)):
                 if value is not None and accurate and better(value, best[key][0]) == value:
                     best[key] = (value, name)
+        # The service sections count too, where their answers passed the same check against fp32.
+        for section in ("service", "service_compile"):
+            wls = self.data.get(section, {}).get("workloads") or {}
+            for key, wl, b, field, better in (("bfr_img_per_s", "bfr", big, "img_per_s", max),
+                                              ("bfr_b1_ms", "bfr", "1", "batch_ms", min),
+                                              ("bsr_img_per_s", "bsr", big, "img_per_s", max)):
+                e = wls.get(wl, {}).get(b, {})
+                if e.get("status") == "done" and (e.get("vs_fp32") or {}).get("ok") is True \
+                        and better(e[field], best[key][0]) == e[field]:
+                    best[key] = (e[field], section)
         targets = {}
         if self.cuda and not a.tiny:
             for key, goal in TARGETS.items():
@@ -1545,7 +1603,8 @@ class Bench:
                 "anchor_img_per_s": OFFICIAL_FLOWIE_IMG_PER_S, "best": best["bfr_img_per_s"][0],
                 "ratio": best["bfr_img_per_s"][0] / OFFICIAL_FLOWIE_IMG_PER_S, "mode": best["bfr_img_per_s"][1]}
         return {"largest_batch": int(big), "modes": rows, "targets": targets,
-                "note": "best values count only modes whose BFR check passed (PSNR >= 40 dB vs fp32) and fp32 itself"}
+                "note": "best values count only modes whose BFR check passed (PSNR >= 40 dB vs fp32), fp32 itself and "
+                         "service rows whose answers passed the same check"}
 
     def print_table(self) -> str:
         a = self.args
@@ -1618,7 +1677,8 @@ class Bench:
                          f"{'on' if opts.get('cuda_graphs') else 'off'}"
                          f"{', control stream' if opts.get('control_stream') else ''}{compiled}): " + "; ".join(
                 f"{wl.upper()} b{b} {e['batch_ms']:.1f} ms = {e['img_per_s']:.2f} img/s "
-                f"(+PNG {e['encode_png_batch_ms']:.1f} ms: {e['img_per_s_with_encode']:.2f})"
+                f"(+PNG {e['encode_png_batch_ms']:.1f} ms: {e['img_per_s_with_encode']:.2f}; "
+                f"{_psnr_text(e.get('vs_fp32') or {})})"
                 for wl, rows in service["workloads"].items() for b, e in rows.items() if e.get("status") == "done"))
             done = {b: e for b, e in service.get("worker", {}).items() if isinstance(e, dict) and e.get("status") == "done"}
             if done:
@@ -1711,6 +1771,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stages to compile, in priority order; a stage whose compile would not fit the budget stays "
                         "eager (default flow_unet,vae_decoder: 87%% of the BFR FLOPs; 'all' adds cond_encoder and swinir, "
                         "48 Swin blocks that take long to compile)")
+    p.add_argument("--service-compile-stages", default="on",
+                   help="stages the service_compile section compiles, as FLOWIE_TORCH_COMPILE takes them: on (the "
+                        "setting's stages: cond_encoder, flow_unet, vae_decoder), all, or a comma list (default on)")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend (inductor; 'eager' or 'aot_eager' only to check the script itself)")
     p.add_argument("--compile-min-s", type=float, default=120.0, help="skip the compile section with less budget left")
@@ -1775,6 +1838,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown --compile-stages {unknown}; choose from {', '.join(STAGES)}")
     args.compile_stages = list(stages)
+    from flowie.stages import COMPILE_ON_STAGES, STAGE_NAMES
+
+    words = {"on": COMPILE_ON_STAGES, "all": STAGE_NAMES}
+    service_stages = words.get(args.service_compile_stages.strip().lower()) or tuple(
+        s.strip() for s in args.service_compile_stages.split(",") if s.strip())
+    unknown = [s for s in service_stages if s not in STAGE_NAMES]
+    if unknown or not service_stages:
+        p.error(f"--service-compile-stages: {unknown or 'nothing'}; use on, all or a comma list of {', '.join(STAGE_NAMES)}")
+    args.service_compile_stages = list(service_stages)
     return args
 
 

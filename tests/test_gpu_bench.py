@@ -215,6 +215,11 @@ def test_tiny_run_measures_the_service_path_on_the_engines(tiny_run):
             assert row["img_per_s_with_encode"] == pytest.approx(
                 int(b) / ((row["batch_ms"] + row["encode_png_batch_ms"]) / 1000))
             assert len(row["first_calls_ms"]) == 2 and min(row["first_calls_ms"]) > 0
+            # the answers against fp32 engines' answers to the same requests (here the same engines:
+            # a wrong image, seed or order would show as a low PSNR)
+            check = row["vs_fp32"]
+            assert check["ok"] is True and check["nonfinite"] == 0
+            assert check["exact"] or check["psnr_db"] >= 60, check
     # mean-value makes 4 evaluations, one-step 1: the flow takes longer in the BFR run
     assert service["workloads"]["bfr"]["1"]["stages_ms"]["flow_unet"] > service["workloads"]["bsr"]["1"]["stages_ms"]["flow_unet"]
     assert "service path (Pipeline.enhance on float32 engines" in (out / "gpu_bench_table.txt").read_text()
@@ -239,3 +244,14 @@ def test_stage_runner_moves_inputs_to_its_module_device():
     out = runner(torch.zeros(1, 3, 8, 8))
     assert out.device.type == "meta"
     assert tuple(out.shape) == (1, 4, 8, 8)
+
+
+def test_service_compile_stages_take_the_settings_words_or_a_stage_list():
+    bench = _load_bench()
+    assert bench.parse_args(["--tiny"]).service_compile_stages == ["cond_encoder", "flow_unet", "vae_decoder"]
+    assert bench.parse_args(["--tiny", "--service-compile-stages", "all"]).service_compile_stages == [
+        "swinir", "cond_encoder", "flow_unet", "vae_decoder"]
+    assert bench.parse_args(["--tiny", "--service-compile-stages", "swinir, flow_unet"]).service_compile_stages == [
+        "swinir", "flow_unet"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tiny", "--service-compile-stages", "unet"])
