@@ -56,8 +56,8 @@ LABEL org.opencontainers.image.title="flowie-serve" \
 RUN groupadd --system --gid 10001 flowie \
     && useradd --system --uid 10001 --gid flowie --home-dir /home/flowie --create-home \
         --shell /usr/sbin/nologin flowie \
-    && mkdir -p /models \
-    && chown flowie:flowie /models
+    && mkdir -p /models /var/cache/flowie/inductor \
+    && chown flowie:flowie /models /var/cache/flowie/inductor
 
 COPY --from=builder /opt/flowie /opt/flowie
 COPY --chmod=0755 deploy/docker/healthcheck.py /usr/local/bin/flowie-healthcheck

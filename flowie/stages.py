@@ -121,11 +121,12 @@ VAE_DECODER = StageSpec(
 STAGES: dict[str, StageSpec] = {s.name: s for s in (SWINIR, COND_ENCODER, FLOW_UNET, VAE_DECODER)}
 STAGE_NAMES: tuple[str, ...] = tuple(STAGES)
 
-# The stages worth compiling with torch.compile (FLOWIE_TORCH_COMPILE=on). On an H200 at batch 16
-# (docs/PERF.md, session 10): the flow UNet and the VAE decoder compiled under the worker's CUDA graphs
-# gave 1.41x eager's BFR images/s for about 85-120 s of compile; the cond encoder compiled in 17 s and
-# ran 1.5x faster. SwinIR's 48 Swin blocks took 90-160 s to compile (2x faster stage): `all` adds it.
-COMPILE_ON_STAGES: tuple[str, ...] = (COND_ENCODER.name, FLOW_UNET.name, VAE_DECODER.name)
+# The stages worth compiling with torch.compile (FLOWIE_TORCH_COMPILE=on): every one. On an H200
+# (docs/PERF.md, session 11), all four compiled under the worker's CUDA graphs ran BFR 1.66x faster at
+# batch 16 and 1.80x at batch 1, each stage 1.4-2.9x, for 166-187 s of compile per batch-shape family
+# (16 host cores). SwinIR, left out until then for its 90 s share of that, ran 2.0x faster: 11 % of a
+# compiled batch of 16.
+COMPILE_ON_STAGES: tuple[str, ...] = (SWINIR.name, COND_ENCODER.name, FLOW_UNET.name, VAE_DECODER.name)
 
 # The stages the torch back end runs in channels-last (NHWC) memory format on the CPU
 # (FLOWIE_CHANNELS_LAST=auto). On the project's 2-core VM (docs/PERF.md, session 7) oneDNN's

@@ -1773,7 +1773,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "48 Swin blocks that take long to compile)")
     p.add_argument("--service-compile-stages", default="on",
                    help="stages the service_compile section compiles, as FLOWIE_TORCH_COMPILE takes them: on (the "
-                        "setting's stages: cond_encoder, flow_unet, vae_decoder), all, or a comma list (default on)")
+                        "setting's stages: all four), all, or a comma list (default on)")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend (inductor; 'eager' or 'aot_eager' only to check the script itself)")
     p.add_argument("--compile-min-s", type=float, default=120.0, help="skip the compile section with less budget left")

@@ -187,11 +187,9 @@ class Settings(BaseSettings):
     torch_compile: str = Field(
         "off",
         description="torch back end: torch.compile stages, for long-lived GPU workers (the warm-up pays the compile): "
-        "off; on = the cond encoder, the flow UNet and the VAE decoder (on an H200 at batch 16, compiled under the "
-        "worker's CUDA graphs: the UNet and decoder gave 1.41x eager's BFR images/s for about 85-120 s of compile per "
-        "batch-shape family; the cond encoder's compile, 17 s, ran that stage 1.5x faster; docs/PERF.md); "
-        "all (SwinIR adds 90-160 s of compile, for its stage 2x faster); or a comma list of swinir, "
-        "cond_encoder, flow_unet, vae_decoder",
+        "off; on (= all) = every stage: on an H200, compiled under the worker's CUDA graphs, BFR ran 1.66x eager's "
+        "images/s at batch 16 (40.3 img/s) and 1.80x at batch 1 (52 ms), for 166-187 s of compile per batch-shape "
+        "family on 16 cores (docs/PERF.md); or a comma list of swinir, cond_encoder, flow_unet, vae_decoder",
     )
     channels_last: str = Field(
         "auto",

@@ -248,7 +248,7 @@ def test_stage_runner_moves_inputs_to_its_module_device():
 
 def test_service_compile_stages_take_the_settings_words_or_a_stage_list():
     bench = _load_bench()
-    assert bench.parse_args(["--tiny"]).service_compile_stages == ["cond_encoder", "flow_unet", "vae_decoder"]
+    assert bench.parse_args(["--tiny"]).service_compile_stages == ["swinir", "cond_encoder", "flow_unet", "vae_decoder"]
     assert bench.parse_args(["--tiny", "--service-compile-stages", "all"]).service_compile_stages == [
         "swinir", "cond_encoder", "flow_unet", "vae_decoder"]
     assert bench.parse_args(["--tiny", "--service-compile-stages", "swinir, flow_unet"]).service_compile_stages == [

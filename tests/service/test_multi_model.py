@@ -46,18 +46,19 @@ def test_two_model_directories_for_one_task_are_refused(tiny_model_dir, make_set
 
 
 def test_the_runner_compiles_the_stages_flowie_torch_compile_names(tiny_model_dir):
-    """FLOWIE_TORCH_COMPILE reaches the engines: `on` wraps the cond encoder, the flow UNet and the VAE
-    decoder in torch.compile and leaves SwinIR eager; `off` compiles none. (Wrapping is lazy: this
-    builds the engines and compiles nothing.)"""
+    """FLOWIE_TORCH_COMPILE reaches the engines: `on` wraps every stage in torch.compile, a list only
+    the stages it names; `off` compiles none. (Wrapping is lazy: this builds the engines and compiles
+    nothing.)"""
     from service.runner import PipelineRunner
 
     def compiled(setting: str) -> set[str]:
         pipe = PipelineRunner([tiny_model_dir], torch_compile=setting).pipelines["bfr"]
         return {name for name, engine in pipe.stages.items() if engine.describe()["compile"]}
 
-    assert compiled("on") == {"cond_encoder", "flow_unet", "vae_decoder"}
+    assert compiled("on") == {"swinir", "cond_encoder", "flow_unet", "vae_decoder"}
     assert compiled("off") == set()
     assert compiled("swinir") == {"swinir"}
+    assert compiled("flow_unet,vae_decoder") == {"flow_unet", "vae_decoder"}
 
 
 def test_the_runner_sets_the_tiles_per_call_flowie_tile_batch_names(tiny_model_dir):

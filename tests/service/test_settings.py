@@ -127,7 +127,7 @@ def test_torch_compile_is_off_on_all_or_a_list_of_stages(monkeypatch):
     assert load_settings().torch_compile == "off" and torch_compile_stages("off") == ()
     monkeypatch.setenv("FLOWIE_TORCH_COMPILE", "true")  # the setting was a bool before session 6
     assert load_settings().torch_compile == "on"
-    assert torch_compile_stages("on") == ("cond_encoder", "flow_unet", "vae_decoder")
+    assert torch_compile_stages("on") == ("swinir", "cond_encoder", "flow_unet", "vae_decoder")
     assert torch_compile_stages("all") == ("swinir", "cond_encoder", "flow_unet", "vae_decoder")
     assert torch_compile_stages(" Flow_UNet, cond_encoder ") == ("flow_unet", "cond_encoder")
     assert load_settings(torch_compile=False).torch_compile == "off"
