@@ -69,6 +69,8 @@ class TorchEngine(Engine):
             # activations follow and the inputs need no conversion of their own.
             self.module.to(memory_format=torch.channels_last)
         self.compile_mode = mode
+        if mode:
+            _allow_recompiles()
         self._forward = torch.compile(self.module, mode=mode, dynamic=None) if mode else self.module
         self._graphs: _GraphCache | None = _GraphCache(self._forward, self.device) if cuda_graphs else None
 
@@ -94,6 +96,21 @@ class TorchEngine(Engine):
         if self.channels_last:
             out = out.contiguous()  # the stage contract's NCHW, for the tiling and colour-fix code after it
         return {self.spec.output_names[0]: out}
+
+
+# Compiled graphs dynamo may keep per code object. A worker holds up to four per stage (batch 1 and
+# batches of any size, at the warm-up's size and at any size: the warm-up's shape probe), and the same
+# network class in two models (BFR and BSR) shares its forward's code object. Past dynamo's default
+# limit of 8 it would silently run that stage eagerly, several times slower.
+RECOMPILE_LIMIT = 64
+
+
+def _allow_recompiles() -> None:
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the name before and after torch 2.6
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(RECOMPILE_LIMIT, getattr(torch._dynamo.config, name)))
 
 
 def _compile_mode(option: bool | str) -> str | None:

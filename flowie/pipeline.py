@@ -238,6 +238,10 @@ class Pipeline:
         p = self.resolve(params)
         return self._use_tiles(p.tile, *padded_hw) and p.color_fix in STREAMABLE_COLOR_FIXES
 
+    def tiled(self, padded_hw: tuple[int, int], params: EnhanceParams) -> bool:
+        """Whether the networks see tiles (not the whole image) for this padded size."""
+        return self._use_tiles(self.resolve(params).tile, *padded_hw)
+
     def run_streamed(self, work: np.ndarray, params: EnhanceParams, seed: int | None = None,
                      noise: torch.Tensor | None = None, on_step: Callable[[int, int], None] | None = None,
                      keep_restored: bool = False) -> StreamedOutput:

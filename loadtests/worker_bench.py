@@ -96,6 +96,9 @@ class StandInRunner:
     def tile_rows(self, task: str, height: int, width: int) -> int:
         return 0
 
+    def shape_probe(self, task: str, height: int, width: int) -> tuple[int, int] | None:
+        return None
+
 
 def make_runner(compute: str, batch: int) -> Any:
     if compute == "h200":

@@ -41,6 +41,10 @@ class Runner(Protocol):
         """Most batch rows a network call on a large image's tiles can hold when (height, width) is
         the size of those tiles and their shapes are worth warming up; 0 otherwise."""
 
+    def shape_probe(self, task: str, height: int, width: int) -> tuple[int, int] | None:
+        """A second work size to warm up after (height, width) when the task's networks are compiled
+        for the sizes they see (torch.compile), so that other image sizes need no compile; else None."""
+
 
 class PipelineRunner:
     """Loads every model directory on ``device``; one model per task."""
@@ -118,6 +122,24 @@ class PipelineRunner:
         if not self.device.startswith("cuda") or not same_area or (height, width) != (tile, tile):
             return 0
         return int(pipe.tiles_per_call(tile))
+
+    def shape_probe(self, task: str, height: int, width: int) -> tuple[int, int] | None:
+        # torch.compile (dynamic=None) compiles for the exact sizes it first sees, then once more, with
+        # the sizes that changed made symbolic, when others come. Without this, the first request of a
+        # new image geometry would pay that second compile, minutes on a GPU host (docs/PERF.md, fourth
+        # H200 run: 166-187 s), while every job behind it waits. Warmed up at batch 1 and 2 (a batch of
+        # one is always compiled apart), a size whose two sides both differ leaves graphs that take
+        # any size and batch. The sizes warmed up before keep their own kernels, captured in their CUDA
+        # graphs. The size must not be tiled: tiles have the tile's shape.
+        pipe = self.pipelines[task]
+        if not any(engine.describe().get("compile") for engine in pipe.stages.values()):
+            return None
+        params = EnhanceParams(upscale=1.0, min_side=0)  # as the warm-up runs: the image's own size
+        probe = (height + 64, width + 128)
+        seen, padded = pipe.padded_shape(height, width, params), pipe.padded_shape(*probe, params)
+        if padded[0] == seen[0] or padded[1] == seen[1] or pipe.tiled(padded, params):
+            return None
+        return probe
 
     def memory_bytes(self) -> dict[str, int]:
         if not self.device.startswith("cuda"):

@@ -239,7 +239,9 @@ class Settings(BaseSettings):
         "torch.compile: auto = on CUDA the square of each model's default min_side, on the CPU none; off; or "
         "a comma list of HxW (e.g. 512x512,768x512). On CUDA the size of a large image's tiles (512x512 for the "
         "official models) runs up to FLOWIE_TILE_BATCH images when that is more than max_batch: tiled calls "
-        "have those shapes",
+        "have those shapes. With FLOWIE_TORCH_COMPILE, one more size (64 taller, 128 wider than the first) runs at "
+        "batch 1 and 2, so that torch.compile makes its graphs for any image size during the warm-up instead of "
+        "on the first odd-sized request",
     )
     codec_threads: int = Field(
         0, ge=0, le=64,

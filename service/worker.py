@@ -35,8 +35,11 @@ Warm-up (``FLOWIE_WARMUP``): before it reports ready, the worker runs each warm-
 at every batch size up to ``max_batch`` on a blank image, so that the first requests of that size do
 not pay what a new input shape costs on a GPU (CUDA-graph capture, the cuDNN algorithm search,
 torch.compile). A size equal to a large image's tiles on CUDA runs up to the tiles per network call
-(``FLOWIE_TILE_BATCH``, 8) when that is more: tiled calls have those shapes. Its progress is logged
-and shown by /readyz; a failing size is logged and skipped.
+(``FLOWIE_TILE_BATCH``, 8) when that is more: tiled calls have those shapes. With torch.compile
+on (``FLOWIE_TORCH_COMPILE``) it then runs one more size, whose sides both differ, at batch 1 and 2,
+so that dynamo compiles its graphs for any size now and not when the first odd-sized photo comes
+(``Runner.shape_probe``). Its progress is logged and shown by /readyz; a failing size is logged and
+skipped.
 
 Shutdown (``request_stop``, SIGTERM): the batch in progress finishes and is stored; jobs taken
 but not started are handed back to the queue for other workers.
@@ -213,35 +216,46 @@ class Worker:
         assert self.runner is not None
         return max(self.max_batch, self.runner.tile_rows(task, height, width))
 
+    def _warmup_runs(self) -> list[tuple[str, int, int, int, str]]:
+        """(task, height, width, batches 1..n, why) for every warm-up size, and for each task whose
+        networks are compiled one more size (Runner.shape_probe) at batch 1 and 2: after it, images of
+        other sizes find their graphs compiled already."""
+        assert self.runner is not None
+        runs = []
+        for task, sizes in self._warmup_plan().items():
+            runs += [(task, h, w, self._warmup_batches(task, h, w), "") for h, w in sizes]
+            probe = self.runner.shape_probe(task, *sizes[0]) if sizes else None
+            if probe is not None:
+                runs.append((task, *probe, min(2, self.max_batch), ", compiling for other sizes"))
+        return runs
+
     async def _warm_up(self) -> None:
         """Run every warm-up size once at each batch size up to max_batch (up to the tiles per call
         for the size of a large image's tiles), before reporting ready."""
         assert self.runner is not None
-        plan = self._warmup_plan()
-        runs = sum(self._warmup_batches(task, h, w) for task, sizes in plan.items() for h, w in sizes)
+        plan = self._warmup_runs()
+        runs = sum(top for *_, top, _ in plan)
         if not runs:
             return
         log.info("warming up: %d batches", runs, extra={"worker_id": self.worker_id})
         started, done = time.perf_counter(), 0
         params = EnhanceParams(upscale=1.0, min_side=0)  # the image's own size is the work size
-        for task, sizes in plan.items():
-            for height, width in sizes:
-                blank = np.full((height, width, 3), 128, dtype=np.uint8)
-                top = self._warmup_batches(task, height, width)
-                for n in range(1, top + 1):
-                    if self._stopping:
-                        return
-                    done += 1
-                    self.warming = f"{task} {height}x{width}, batch {n} of {top} ({done}/{runs})"
-                    t0 = time.perf_counter()
-                    try:
-                        await self._on_compute_thread(self.runner.enhance, task, [blank] * n, params,
-                                                      list(range(n)))
-                    except Exception as exc:  # noqa: BLE001 - requests of this size will say more
-                        log.warning("warm-up of %s %dx%d failed at batch %d (%s: %s); skipping that size",
-                                    task, height, width, n, type(exc).__name__, exc)
-                        break
-                    log.info("warm-up %s", self.warming, extra={"seconds": round(time.perf_counter() - t0, 3)})
+        for task, height, width, top, why in plan:
+            blank = np.full((height, width, 3), 128, dtype=np.uint8)
+            for n in range(1, top + 1):
+                if self._stopping:
+                    return
+                done += 1
+                self.warming = f"{task} {height}x{width}, batch {n} of {top}{why} ({done}/{runs})"
+                t0 = time.perf_counter()
+                try:
+                    await self._on_compute_thread(self.runner.enhance, task, [blank] * n, params,
+                                                  list(range(n)))
+                except Exception as exc:  # noqa: BLE001 - requests of this size will say more
+                    log.warning("warm-up of %s %dx%d failed at batch %d (%s: %s); skipping that size",
+                                task, height, width, n, type(exc).__name__, exc)
+                    break
+                log.info("warm-up %s", self.warming, extra={"seconds": round(time.perf_counter() - t0, 3)})
         self.warming = None
         log.info("warm-up done in %.1f s", time.perf_counter() - started, extra={"worker_id": self.worker_id})
 

@@ -96,6 +96,23 @@ def test_torch_engine_options_are_checked(info):
         TorchEngine(module, VAE_DECODER, "cpu", compile="fastest")
 
 
+def test_a_compiled_engine_lets_dynamo_keep_enough_graphs(info, monkeypatch):
+    """Past dynamo's recompile limit (8 by default) a stage would silently run eagerly. A compiled
+    engine raises it to RECOMPILE_LIMIT (never lowers it); an eager one leaves it alone."""
+    import torch._dynamo
+
+    from engines.torch_engine import RECOMPILE_LIMIT
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    TorchEngine(load_stage(info, "vae_decoder"), VAE_DECODER, "cpu")
+    assert torch._dynamo.config.recompile_limit == 8
+    TorchEngine(load_stage(info, "vae_decoder"), VAE_DECODER, "cpu", compile=True)  # wrapping compiles nothing yet
+    assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT >= 32
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 500)
+    TorchEngine(load_stage(info, "vae_decoder"), VAE_DECODER, "cpu", compile=True)
+    assert torch._dynamo.config.recompile_limit == 500
+
+
 def test_channels_last_engine_keeps_nhwc_weights_and_returns_nchw_outputs(info):
     nchw = TorchEngine(load_stage(info, "vae_decoder"), VAE_DECODER, "cpu")
     nhwc = TorchEngine(load_stage(info, "vae_decoder"), VAE_DECODER, "cpu", channels_last=True)

@@ -61,6 +61,19 @@ def test_the_runner_compiles_the_stages_flowie_torch_compile_names(tiny_model_di
     assert compiled("flow_unet,vae_decoder") == {"flow_unet", "vae_decoder"}
 
 
+def test_the_runner_names_a_size_probe_only_when_networks_are_compiled(tiny_model_dir):
+    """Runner.shape_probe: with a compiled stage, a size 64 taller and 128 wider than the warm-up size
+    (both sides differ, so dynamo makes both symbolic); none when nothing is compiled, and none when
+    that size would be tiled (tiles have the tile's shape). The tiny model tiles above 1 MP."""
+    from service.runner import PipelineRunner
+
+    compiled = PipelineRunner([tiny_model_dir], torch_compile="vae_decoder")
+    assert compiled.shape_probe("bfr", 128, 128) == (192, 256)
+    assert compiled.shape_probe("bfr", 960, 896) == (1024, 1024)  # 1 MP: still untiled
+    assert compiled.shape_probe("bfr", 960, 960) is None  # 1024 x 1088 would be tiled
+    assert PipelineRunner([tiny_model_dir]).shape_probe("bfr", 128, 128) is None
+
+
 def test_the_runner_sets_the_tiles_per_call_flowie_tile_batch_names(tiny_model_dir):
     from service.runner import PipelineRunner
 

@@ -47,6 +47,9 @@ class Recording:
     def tile_rows(self, task, height, width):
         return self.runner.tile_rows(task, height, width)
 
+    def shape_probe(self, task, height, width):
+        return self.runner.shape_probe(task, height, width)
+
     def enhance(self, task, images, params, seeds):
         self.batches.append((params.sampler, [image.shape[:2] for image in images], list(seeds)))
         if self.on_batch:
@@ -621,6 +624,66 @@ def test_the_warm_up_runs_a_large_image_s_tile_size_up_to_the_tiles_per_call(tin
     assert [shapes for _, shapes, _ in runner.batches] == [
         [(128, 128)], [(128, 128)] * 2, [(128, 128)] * 3, [(192, 128)], [(192, 128)] * 2, [(90, 90)]]
     assert seen[2] == "bfr 128x128, batch 3 of 3 (3/5)" and seen[4] == "bfr 192x128, batch 2 of 2 (5/5)"
+
+
+def test_with_compiled_networks_the_warm_up_ends_with_a_size_probe_at_batch_1_and_2(tiny_runner, make_settings):
+    """A runner whose networks are compiled names a second size (Runner.shape_probe): the warm-up runs
+    it after the warm-up sizes, at batch 1 and 2, and says why."""
+    class Compiled(Recording):
+        def shape_probe(self, task, height, width):
+            assert (task, height, width) == ("bfr", 128, 128)  # the first warm-up size
+            return (192, 256)
+
+    settings = make_settings(max_batch=3, max_wait_ms=0.0, warmup="128x128")
+    queue = MemoryJobQueue(16, 60)
+    seen: list[str | None] = []
+    worker = Worker(queue, lambda: runner, settings, Metrics())
+    runner = Compiled(tiny_runner, on_batch=lambda: seen.append(worker.warming))
+
+    result = asyncio.run(one_job_through(worker, queue, make_job(90, 90)))
+    assert result.state == "done"
+    assert [shapes for _, shapes, _ in runner.batches] == [
+        [(128, 128)], [(128, 128)] * 2, [(128, 128)] * 3, [(192, 256)], [(192, 256)] * 2, [(90, 90)]]
+    assert seen[4] == "bfr 192x256, batch 2 of 2, compiling for other sizes (5/5)"
+
+
+def test_after_the_warm_up_a_compiled_stage_takes_new_image_sizes_without_compiling(tiny_model_dir, make_settings):
+    """The real thing on the CPU: the tiny model's cond encoder compiled (FLOWIE_TORCH_COMPILE), the
+    worker's warm-up at 128x128 and batch 1-2 plus its size probe, then jobs of sizes and batch sizes
+    it never saw: dynamo compiles nothing more (each compile of a full-size stage costs minutes)."""
+    from torch._dynamo.utils import counters
+
+    from service.runner import PipelineRunner
+
+    compiled = PipelineRunner([tiny_model_dir], torch_compile="cond_encoder")
+    assert compiled.shape_probe("bfr", 128, 128) == (192, 256)
+    settings = make_settings(max_batch=2, max_wait_ms=50.0, warmup="128x128")
+    queue = MemoryJobQueue(16, 60)
+    worker = Worker(queue, lambda: compiled, settings, Metrics())
+    frames: dict[str, int] = {}
+
+    async def scenario():
+        frames["before"] = counters["frames"]["ok"]
+        task = asyncio.create_task(worker.run())
+        while not worker.ready:
+            await asyncio.sleep(0.05)
+        frames["after_warm_up"] = counters["frames"]["ok"]
+        # 320x192 at batch 1, then two 256x448 together (a batch of 2): new heights, widths, batches
+        jobs = [make_job(192, 320), make_job(448, 256), make_job(448, 256, seed=1)]
+        await queue.submit(jobs[0], wait=False)
+        first = await queue.wait(jobs[0].id, 120)
+        for job in jobs[1:]:
+            await queue.submit(job, wait=False)
+        results = [first] + [await queue.wait(job.id, 120) for job in jobs[1:]]
+        worker.request_stop()
+        await task
+        return results
+
+    results = asyncio.run(scenario())
+    assert [r.state for r in results] == ["done"] * 3
+    # the warm-up compiled: 128x128 at batch 1 and 2, the probe at 1 and 2
+    assert frames["after_warm_up"] - frames["before"] >= 4
+    assert counters["frames"]["ok"] == frames["after_warm_up"]
 
 
 def test_a_warm_up_size_that_fails_is_skipped_and_the_worker_serves(tiny_runner, make_settings, caplog):
