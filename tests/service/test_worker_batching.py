@@ -613,17 +613,21 @@ def test_the_warm_up_runs_a_large_image_s_tile_size_up_to_the_tiles_per_call(tin
         def tile_rows(self, task, height, width):
             return 3 if (height, width) == (128, 128) else 0
 
-    settings = make_settings(max_batch=2, max_wait_ms=0.0, warmup="128x128,192x128")
+    shapes, seen = warm_up_then_one_job(TileRows, tiny_runner, make_settings(max_batch=2, max_wait_ms=0.0, warmup="128x128,192x128"))
+    assert shapes == [[(128, 128)], [(128, 128)] * 2, [(128, 128)] * 3, [(192, 128)], [(192, 128)] * 2, [(90, 90)]]
+    assert seen[2] == "bfr 128x128, batch 3 of 3 (3/5)" and seen[4] == "bfr 192x128, batch 2 of 2 (5/5)"
+
+
+def warm_up_then_one_job(runner_class, tiny_runner, settings) -> tuple[list, list[str | None]]:
+    """A worker on ``runner_class`` (a Recording) warms up, then serves one 90x90 job: the image shapes
+    of every batch it ran, and what /readyz said (``Worker.warming``) at each."""
     queue = MemoryJobQueue(16, 60)
     seen: list[str | None] = []
     worker = Worker(queue, lambda: runner, settings, Metrics())
-    runner = TileRows(tiny_runner, on_batch=lambda: seen.append(worker.warming))
-
+    runner = runner_class(tiny_runner, on_batch=lambda: seen.append(worker.warming))
     result = asyncio.run(one_job_through(worker, queue, make_job(90, 90)))
     assert result.state == "done"
-    assert [shapes for _, shapes, _ in runner.batches] == [
-        [(128, 128)], [(128, 128)] * 2, [(128, 128)] * 3, [(192, 128)], [(192, 128)] * 2, [(90, 90)]]
-    assert seen[2] == "bfr 128x128, batch 3 of 3 (3/5)" and seen[4] == "bfr 192x128, batch 2 of 2 (5/5)"
+    return [shapes for _, shapes, _ in runner.batches], seen
 
 
 def test_with_compiled_networks_the_warm_up_ends_with_a_size_probe_at_batch_1_and_2(tiny_runner, make_settings):
@@ -634,16 +638,8 @@ def test_with_compiled_networks_the_warm_up_ends_with_a_size_probe_at_batch_1_an
             assert (task, height, width) == ("bfr", 128, 128)  # the first warm-up size
             return (192, 256)
 
-    settings = make_settings(max_batch=3, max_wait_ms=0.0, warmup="128x128")
-    queue = MemoryJobQueue(16, 60)
-    seen: list[str | None] = []
-    worker = Worker(queue, lambda: runner, settings, Metrics())
-    runner = Compiled(tiny_runner, on_batch=lambda: seen.append(worker.warming))
-
-    result = asyncio.run(one_job_through(worker, queue, make_job(90, 90)))
-    assert result.state == "done"
-    assert [shapes for _, shapes, _ in runner.batches] == [
-        [(128, 128)], [(128, 128)] * 2, [(128, 128)] * 3, [(192, 256)], [(192, 256)] * 2, [(90, 90)]]
+    shapes, seen = warm_up_then_one_job(Compiled, tiny_runner, make_settings(max_batch=3, max_wait_ms=0.0, warmup="128x128"))
+    assert shapes == [[(128, 128)], [(128, 128)] * 2, [(128, 128)] * 3, [(192, 256)], [(192, 256)] * 2, [(90, 90)]]
     assert seen[4] == "bfr 192x256, batch 2 of 2, compiling for other sizes (5/5)"
 
 
