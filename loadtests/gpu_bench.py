@@ -1327,17 +1327,10 @@ class Bench:
         BFR jobs (6 batches) with its answers encoded before the next batch (FLOWIE_ENCODE_OVERLAP=off)
         and while it computes (on, the default on CUDA), at batch 1 and the largest; the settings
         alternate, twice each. PNG answers at the service's level on its default codec threads."""
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("worker_bench", Path(__file__).with_name("worker_bench.py"))
-        wb = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = wb  # its dataclasses look their module up there
-        try:
-            spec.loader.exec_module(wb)  # type: ignore[union-attr]
-        except ImportError as exc:  # pydantic is not on the GPU machine unless its wheels travel
-            reason = f"the worker needs {exc.name or exc}: carry its wheels (loadtests/README.md)"
-            log(f"service worker: skipped ({reason})")
-            return {"status": "skipped", "reason": reason}
+        wb = _worker_bench()
+        if isinstance(wb, str):
+            log(f"service worker: skipped ({wb})")
+            return {"status": "skipped", "reason": wb}
         from service.imaging import encode_image
         from service.runner import PipelineRunner
 
@@ -1357,6 +1350,101 @@ class Bench:
                 f"{speed['on']:.2f} while it computes ({speed['on'] / speed['off']:.2f}x)")
             self.save()
         return out
+
+    def sec_compile_probe(self, rec: dict, dtype: torch.dtype) -> None:
+        """The real worker with ``--probe-stages`` compiled under its CUDA graphs (FLOWIE_TORCH_COMPILE):
+        its warm-up at the bench's size, batch 1 to max(2, tiles per call), then the size probe at batch
+        1 and 2 (Runner.shape_probe); then jobs of sizes and batch sizes it never saw. Records dynamo's
+        compiles per phase (none are expected after the warm-up) and the wall time of each phase: a
+        new size's first batch still pays the cuDNN search and a graph capture per stage."""
+        import asyncio
+
+        from torch._dynamo.utils import counters
+
+        from engines.torch_engine import TorchEngine
+        from flowie.convert import model_meta
+        from flowie.modeldir import ModelInfo
+        from flowie.pipeline import Pipeline
+        from flowie.stages import STAGES as SPECS
+
+        wb = _worker_bench()
+        if isinstance(wb, str):
+            raise RuntimeError(wb)
+        from service.imaging import encode_image
+        from service.metrics import Metrics
+        from service.queue import MemoryJobQueue
+        from service.runner import PipelineRunner
+        from service.settings import load_settings
+        from service.worker import Worker
+
+        a = self.args
+        mods = self.modules_for(dtype, False)
+        stages = {n: TorchEngine(mods[n], SPECS[n], self.device, dtype, compile=n in a.probe_stages,
+                                 cuda_graphs=self.cuda, cudnn_benchmark=self.cuda,
+                                 control_stream=self.cuda and n == "flow_unet") for n in STAGES}
+        meta = model_meta(self.spec, tuple(self.null_context[:1].shape), {"name": "gpu-bench random weights"})
+        pipe = Pipeline(ModelInfo(path=self.out_dir, meta=meta), stages, self.null_context[:1], device=self.device)
+        pipe.tile_batch = 2 if a.tiny else 0  # the CUDA default (8 tiles per call); a tiny run keeps it short
+        runner = PipelineRunner.from_pipelines({"bfr": pipe}, str(self.device))
+        size = a.size
+        probe = runner.shape_probe("bfr", size, size)
+        rec.update(dtype=str(dtype).replace("torch.", ""), compiled=list(a.probe_stages), size=size,
+                   probe=list(probe) if probe else None, phases=[])
+        self.data[rec["name"]] = rec
+        settings = load_settings(max_batch=2, max_wait_ms=200.0, warmup=f"{size}x{size}", device=str(self.device),
+                                 codec_threads=0)
+        queue = MemoryJobQueue(16, 3600)
+        worker = Worker(queue, lambda: runner, settings, Metrics())
+        gen = torch.Generator(device="cpu").manual_seed(a.seed + 5)
+
+        def jobs_of(h: int, w: int, n: int) -> list:
+            pixels = (torch.rand(h, w, 3, generator=gen) * 255).round().to(torch.uint8).numpy()
+            return wb.make_jobs(n, pixels, encode_image(pixels, "png", None, 1))
+
+        # sizes it never saw: both sides new at batch 1, another pair at batch 2, then the first again
+        # (a second sight: graphs captured), and the warm size
+        phases = [("new size, batch 1", jobs_of(size + 128, size + 192, 1)),
+                  ("another size, batch 2", jobs_of(size + 64, size, 2)),
+                  ("the first new size again", jobs_of(size + 128, size + 192, 1)),
+                  ("the warm-up size", jobs_of(size, size, 1))]
+
+        async def scenario() -> None:
+            before = counters["frames"]["ok"]
+            t0 = time.perf_counter()
+            task = asyncio.create_task(worker.run())
+            while not worker.ready:
+                if task.done():
+                    task.result()  # the worker's own error
+                await asyncio.sleep(0.05)
+            rec["warm_up"] = {"s": time.perf_counter() - t0, "dynamo_frames_compiled": counters["frames"]["ok"] - before}
+            log(f"compile_probe: warm-up {rec['warm_up']['s']:.1f} s, {rec['warm_up']['dynamo_frames_compiled']} "
+                f"dynamo frames compiled (probe {probe})")
+            try:
+                for name, jobs in phases:
+                    before, t0 = counters["frames"]["ok"], time.perf_counter()
+                    for job in jobs:
+                        await queue.submit(job, wait=False)
+                    results = [await queue.wait(job.id, 3600) for job in jobs]
+                    row = {"phase": name, "shape": list(jobs[0].pixels.shape[:2]), "batch": len(jobs),
+                           "s": time.perf_counter() - t0, "dynamo_frames_compiled": counters["frames"]["ok"] - before,
+                           "states": [r.state if r else None for r in results]}
+                    rec["phases"].append(row)
+                    log(f"compile_probe: {name} {row['shape']} x{row['batch']}: {row['s'] * 1000:.0f} ms, "
+                        f"{row['dynamo_frames_compiled']} frames compiled, {row['states']}")
+                    self.save()
+            finally:
+                worker.request_stop()
+                await task
+
+        try:
+            asyncio.run(scenario())
+        finally:
+            runner.pipelines.clear()
+            del pipe, stages
+            if self.cuda:
+                torch.cuda.empty_cache()
+        rec["compiles_after_warm_up"] = sum(r["dynamo_frames_compiled"] for r in rec["phases"])
+        rec["all_done"] = all(state == "done" for r in rec["phases"] for state in r["states"])
 
     # -------------------------------------------------------------- choices between sections
 
@@ -1508,6 +1596,11 @@ class Bench:
                      skip_reason=skip_unless("service_compile") or (None if self.cuda or a.cpu_compile else
                                                                     "torch.compile is measured on the GPU only; "
                                                                     "pass --cpu-compile"))
+        self.section("compile_probe", lambda rec: self.sec_compile_probe(rec, hdtype if self.cuda else torch.float32),
+                     min_s=0 if a.tiny else 120,
+                     skip_reason=skip_unless("compile_probe") or (None if self.cuda or a.cpu_compile else
+                                                                  "torch.compile is measured on the GPU only; "
+                                                                  "pass --cpu-compile"))
         mode_section(Mode(f"{half}{suffix}_compile", hdtype, channels_last=cl, compile_mode=a.compile_mode),
                      min_s=a.compile_min_s, skip=compile_skip)
         # Reuses the compile above when there is one; otherwise it would have to compile first.
@@ -1685,6 +1778,12 @@ class Bench:
                 lines.append("worker, BFR backlog, img/s with answers encoded before / while the next batch computes: "
                              + "; ".join(f"b{b} {e['img_per_s']['off']:.2f} / {e['img_per_s']['on']:.2f} "
                                          f"({e['ratio_on_off']:.2f}x)" for b, e in done.items()))
+        probe = self.data.get("compile_probe", {})
+        if probe.get("phases"):
+            lines.append(f"worker with {', '.join(probe['compiled'])} compiled: warm-up {probe['warm_up']['s']:.1f} s "
+                         f"(probe {probe['probe']}); after it: " + "; ".join(
+                             f"{r['phase']} {r['shape'][0]}x{r['shape'][1]} x{r['batch']} {r['s'] * 1000:.0f} ms, "
+                             f"{r['dynamo_frames_compiled']} compiles" for r in probe["phases"]))
         skipped = [f"{s['name']} ({s['reason']})" for s in self.data["sections"] if s["status"] == "skipped"]
         errors = [f"{s['name']}: {s.get('error', '')[:120]}" for s in self.data["sections"] if s["status"] == "error"]
         partial = [f"{s['name']} ({'; '.join(s.get('entry_errors', [])[:2]) or 'budget'})"
@@ -1704,6 +1803,24 @@ class Bench:
 
 
 # ---------------------------------------------------------------- environment probes
+
+
+def _worker_bench() -> Any:
+    """loadtests/worker_bench.py as a module, or why it cannot load (the worker needs pydantic, which
+    travels to the GPU machine as a carried wheel)."""
+    import importlib.util
+
+    if "worker_bench" in sys.modules:
+        return sys.modules["worker_bench"]
+    spec = importlib.util.spec_from_file_location("worker_bench", Path(__file__).with_name("worker_bench.py"))
+    wb = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = wb  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(wb)  # type: ignore[union-attr]
+    except ImportError as exc:
+        del sys.modules[spec.name]
+        return f"the worker needs {exc.name or exc}: carry its wheels (loadtests/README.md)"
+    return wb
 
 
 def _raise_recompile_limit(limit: int = 64) -> None:
@@ -1760,7 +1877,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check-batch", type=int, default=None, help="batch whose outputs are compared with fp32 (default 4)")
     p.add_argument("--modes", default=None,
                    help="comma list to run only some of: fp32_eager, fp16_eager, bf16_eager, eager_cl, nobench, graphs, "
-                        "control_stream, service, service_compile, compile, compile_graphs, tf32, autotune, scaling (default: all)")
+                        "control_stream, service, service_compile, compile_probe, compile, compile_graphs, tf32, autotune, "
+                        "scaling (default: all)")
     p.add_argument("--half", choices=("auto", "fp16", "bf16"), default="auto",
                    help="half precision of the later modes (auto: by the eager results)")
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto")
@@ -1774,6 +1892,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--service-compile-stages", default="on",
                    help="stages the service_compile section compiles, as FLOWIE_TORCH_COMPILE takes them: on (the "
                         "setting's stages: all four), all, or a comma list (default on)")
+    p.add_argument("--probe-stages", default="cond_encoder",
+                   help="stages the compile_probe section compiles (the worker's warm-up and new image sizes after "
+                        "it), as FLOWIE_TORCH_COMPILE takes them (default cond_encoder: the quickest to compile)")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend (inductor; 'eager' or 'aot_eager' only to check the script itself)")
     p.add_argument("--compile-min-s", type=float, default=120.0, help="skip the compile section with less budget left")
@@ -1847,6 +1968,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown or not service_stages:
         p.error(f"--service-compile-stages: {unknown or 'nothing'}; use on, all or a comma list of {', '.join(STAGE_NAMES)}")
     args.service_compile_stages = list(service_stages)
+    probe_stages = words.get(args.probe_stages.strip().lower()) or tuple(
+        s.strip() for s in args.probe_stages.split(",") if s.strip())
+    if not probe_stages or any(s not in STAGE_NAMES for s in probe_stages):
+        p.error(f"--probe-stages: use on, all or a comma list of {', '.join(STAGE_NAMES)}")
+    args.probe_stages = list(probe_stages)
     return args
 
 
