@@ -25,6 +25,8 @@ values -- and measures at 512x512 (latent 64x64), per stage and end to end, for 
   ``service_compile``: the same with ``--service-compile-stages`` compiled under the graphs
   (``FLOWIE_TORCH_COMPILE``'s words: on, all, or a stage list); every answer of both is checked
   against fp32 engines' answers to the same requests, and these rows count towards the targets;
+  ``compile_probe``: the real worker with ``--probe-stages`` compiled, its warm-up (with the size
+  probe) and then image sizes it never saw, counting dynamo's compiles after the warm-up (none due);
 - the compute floor: FLOPs counted with ``torch.utils.flop_counter`` per stage at batch 1, the
   card's measured dense matmul rates and copy bandwidth, and the achieved fraction per mode;
 - a numeric check of every fast mode against fp32 eager on the same inputs, weights and noise
