@@ -1961,21 +1961,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown --compile-stages {unknown}; choose from {', '.join(STAGES)}")
     args.compile_stages = list(stages)
+    for option in ("service_compile_stages", "probe_stages"):
+        try:
+            setattr(args, option, _compile_stage_list(getattr(args, option)))
+        except ValueError as exc:
+            p.error(f"--{option.replace('_', '-')}: {exc}")
+    return args
+
+
+def _compile_stage_list(value: str) -> list[str]:
+    """Stages named as FLOWIE_TORCH_COMPILE names them (on, all or a comma list), without the service's
+    settings module: this script runs where pydantic may be missing."""
     from flowie.stages import COMPILE_ON_STAGES, STAGE_NAMES
 
-    words = {"on": COMPILE_ON_STAGES, "all": STAGE_NAMES}
-    service_stages = words.get(args.service_compile_stages.strip().lower()) or tuple(
-        s.strip() for s in args.service_compile_stages.split(",") if s.strip())
-    unknown = [s for s in service_stages if s not in STAGE_NAMES]
-    if unknown or not service_stages:
-        p.error(f"--service-compile-stages: {unknown or 'nothing'}; use on, all or a comma list of {', '.join(STAGE_NAMES)}")
-    args.service_compile_stages = list(service_stages)
-    probe_stages = words.get(args.probe_stages.strip().lower()) or tuple(
-        s.strip() for s in args.probe_stages.split(",") if s.strip())
-    if not probe_stages or any(s not in STAGE_NAMES for s in probe_stages):
-        p.error(f"--probe-stages: use on, all or a comma list of {', '.join(STAGE_NAMES)}")
-    args.probe_stages = list(probe_stages)
-    return args
+    stages = {"on": COMPILE_ON_STAGES, "all": STAGE_NAMES}.get(value.strip().lower()) or tuple(
+        s.strip() for s in value.split(",") if s.strip())
+    unknown = [s for s in stages if s not in STAGE_NAMES]
+    if unknown or not stages:
+        raise ValueError(f"{', '.join(unknown) or 'nothing'}: use on, all or a comma list of {', '.join(STAGE_NAMES)}")
+    return list(stages)
 
 
 def main(argv: list[str] | None = None) -> int:
