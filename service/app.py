@@ -59,6 +59,7 @@ from service.schemas import (
     problem_response,
 )
 from service.settings import Settings
+from service.webui import web_router
 
 log = logging.getLogger("flowie.service.api")
 access_log = logging.getLogger("flowie.service.access")
@@ -564,6 +565,9 @@ def create_app(settings: Settings, queue: JobQueue, models: dict[str, ModelInfo]
                      "output_format": list(OUTPUT_FORMATS),
                      "input_format": ["png", "jpeg", "webp", "bmp", "tiff", "gif"]},
         )
+
+    if settings.web_ui:
+        app.include_router(web_router())
 
     @app.get("/healthz", summary="The process is alive")
     async def healthz() -> dict[str, str]:
