@@ -21,6 +21,7 @@ from flowie import imageops, samplers, tiling
 from flowie.colorfix import color_fix_, wavelet_fix_rows
 from flowie.modeldir import ModelInfo, read_model_dir
 from flowie.params import EnhanceParams
+from flowie.progress import report_stage
 from flowie.rowstore import RowStore
 
 StageFn = Callable[..., torch.Tensor]
@@ -412,6 +413,7 @@ class Pipeline:
             torch.cuda.synchronize(self.device)
 
     def _timed(self, name: str, timings: dict[str, float], fn):
+        report_stage(name)  # to the call's watcher (flowie.progress), if any
         self._sync()
         start = time.perf_counter()
         out = fn()

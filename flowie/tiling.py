@@ -26,6 +26,8 @@ from typing import Protocol
 
 import torch
 
+from flowie.progress import report_tiles
+
 ProgressFn = Callable[[int, int], None]
 
 
@@ -154,7 +156,7 @@ def tiled_apply(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor |
     fn(*tiles) -> [N, C, tile_h * scale, tile_w * scale]; scale 8 for a decoder on latents,
              1/8 for an encoder on pixels, 1 for the UNet or SwinIR.
     out_channels: if given, fn's channel count is checked against it.
-    progress: called with (tiles done, tiles total) after each tile.
+    progress: called with (tiles done, tiles total) after each tile (default: flowie.progress's watcher).
     tile_batch: most batch rows per call of ``fn``: neighbouring tiles of a tile row go through
              it together, stacked on the batch axis (tile j's N images at rows [j*N, (j+1)*N));
              see :func:`tiled_rows`.
@@ -210,6 +212,7 @@ def tiled_rows(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor | 
         raise ValueError(f"scale must be positive, got {scale}")
     if tile_batch < 1:
         raise ValueError(f"tile_batch must be at least 1, got {tile_batch}")
+    progress = progress or report_tiles  # by default the call's watcher (flowie.progress), if any
     sources = [_as_source(x) for x in inputs]
     _check_inputs(sources)
     batch = sources[0].shape[0]

@@ -59,6 +59,7 @@ from service.schemas import (
     problem_response,
 )
 from service.settings import Settings
+from service.webui import web_router
 
 log = logging.getLogger("flowie.service.api")
 access_log = logging.getLogger("flowie.service.access")
@@ -473,8 +474,10 @@ def create_app(settings: Settings, queue: JobQueue, models: dict[str, ModelInfo]
         await queue.cancel(job.id, detail="the client disconnected")
         raise ClientClosed("the client closed the connection before the result was ready")
 
-    def _accepted(job_id: str, task: str, status: str, headers: dict[str, str]) -> JSONResponse:
-        body = JobStatus(id=job_id, status=status, task=task, links=_links(job_id))  # type: ignore[arg-type]
+    def _accepted(job_id: str, task: str, status: str, headers: dict[str, str],
+                  progress: dict[str, Any] | None = None) -> JSONResponse:
+        body = JobStatus(id=job_id, status=status, task=task, links=_links(job_id),  # type: ignore[arg-type]
+                         progress=progress)
         return JSONResponse(body.model_dump(exclude_none=True), status_code=202,
                             headers={"Location": f"/jobs/{job_id}", "Retry-After": "1", **headers})
 
@@ -498,7 +501,8 @@ def create_app(settings: Settings, queue: JobQueue, models: dict[str, ModelInfo]
         if state is None:
             raise problems.NotFound(f"no job {job_id} (unknown, or its result expired)")
         if state not in TERMINAL_STATES:
-            return _accepted(job_id, "", state, {}), None
+            progress = await queue.progress(job_id) if state == "running" else None
+            return _accepted(job_id, "", state, {}, progress), None
         result = await queue.result(job_id)
         if result is None:
             raise problems.NotFound(f"the result of job {job_id} is gone")
@@ -561,6 +565,9 @@ def create_app(settings: Settings, queue: JobQueue, models: dict[str, ModelInfo]
                      "output_format": list(OUTPUT_FORMATS),
                      "input_format": ["png", "jpeg", "webp", "bmp", "tiff", "gif"]},
         )
+
+    if settings.web_ui:
+        app.include_router(web_router())
 
     @app.get("/healthz", summary="The process is alive")
     async def healthz() -> dict[str, str]:

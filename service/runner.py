@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from flowie.params import EnhanceParams
+from flowie.progress import report_step
 from service.settings import channels_last_option, torch_compile_stages
 
 log = logging.getLogger("flowie.service.runner")
@@ -29,7 +30,8 @@ class Runner(Protocol):
 
     def enhance(self, task: str, images: list[np.ndarray], params: EnhanceParams,
                 seeds: list[int]) -> list[Any]:
-        """One batch: results with ``.image`` (uint8 HWC RGB), ``.seed``, ``.timings``."""
+        """One batch: results with ``.image`` (uint8 HWC RGB), ``.seed``, ``.timings``; where it is
+        goes to the watcher of `flowie.progress` the caller installed, if any."""
 
     def memory_bytes(self) -> dict[str, int]:
         """Accelerator memory held, by kind ({} on the CPU)."""
@@ -104,8 +106,10 @@ class PipelineRunner:
 
     def enhance(self, task: str, images: list[np.ndarray], params: EnhanceParams,
                 seeds: list[int]) -> list[Any]:
-        # The API answers with the final image only: skip the stage-1 image's conversion.
-        return list(self.pipelines[task].enhance(images, params, seeds=seeds, keep_restored=False))
+        # The API answers with the final image only: skip the stage-1 image's conversion. The sampler's
+        # steps go to the watcher the worker installed (flowie.progress), as the stages and tiles do.
+        return list(self.pipelines[task].enhance(images, params, seeds=seeds, keep_restored=False,
+                                                 on_step=report_step))
 
     def default_min_side(self, task: str) -> int:
         return int(self.pipelines[task].info.defaults.get("min_side") or 0)

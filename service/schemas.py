@@ -55,6 +55,17 @@ class Links(BaseModel):
     result: str
 
 
+class JobProgress(BaseModel):
+    """Where a running job's batch is (reported by the worker a few times a second)."""
+
+    stage: str = Field(..., description="the network running: swinir, cond_encoder, flow_unet, vae_decoder, "
+                       "colour_fix (empty before the first)")
+    step: int = Field(..., ge=0, description="sampler network evaluations done")
+    steps: int = Field(..., ge=0, description="sampler network evaluations in all")
+    tiles_done: int = Field(..., ge=0, description="tiles the running network has done in its current pass")
+    tiles: int = Field(..., ge=0, description="tiles of that pass (0 when the image is not tiled)")
+
+
 class JobStatus(BaseModel):
     """GET /jobs/{id}: where a job is."""
 
@@ -67,6 +78,7 @@ class JobStatus(BaseModel):
     width: int | None = None
     height: int | None = None
     timings: dict[str, float] | None = None
+    progress: JobProgress | None = None
 
 
 class EnhanceResult(BaseModel):

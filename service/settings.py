@@ -132,13 +132,16 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
         description="accepted API keys, comma-separated; when set, requests need "
-        "`Authorization: Bearer KEY` or `X-API-Key: KEY` (health, readiness and metrics stay open)",
+        "`Authorization: Bearer KEY` or `X-API-Key: KEY` (health, readiness, metrics and the try-it page's "
+        "files stay open)",
     )
     allow_unauthenticated: bool = Field(
         False,
         description="allow FLOWIE_ENV=production without FLOWIE_API_KEYS (a gateway in front authenticates)",
     )
     docs: bool = Field(True, description="serve /docs and /openapi.json")
+    web_ui: bool = Field(True, description="serve the try-it page at / (upload a photo, watch it run, compare "
+                         "before and after)")
 
     # --- request limits -------------------------------------------------------------
     max_upload_bytes: int = Field(

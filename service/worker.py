@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 
 from flowie.params import EnhanceParams
+from flowie.progress import Progress, watching
 from service.imaging import (
     INLINE_DECODE_PIXELS,
     OUTPUT_FORMATS,
@@ -75,6 +76,7 @@ from service.imaging import (
 )
 from service.logs import request_id_var
 from service.metrics import Metrics
+from service.progress import publishing
 from service.queue.base import Delivery, JobQueue, JobResult, QueueUnavailableError
 from service.runner import Runner
 from service.settings import MIN_WARMUP_SIDE, Settings, warmup_sizes
@@ -488,10 +490,10 @@ class Worker:
         answers: asyncio.Future[tuple[list[bytes | Exception], float]]
         try:
             if overlap:
-                outputs, handed, handed_at = await self._on_compute_thread(self._compute_and_hand_off, task, batch)
+                outputs, handed, handed_at = await self._compute_watched(self._compute_and_hand_off, task, batch)
                 answers = asyncio.ensure_future(self._gather_answers(handed, handed_at))
             else:
-                outputs, encoded, encode_s = await self._on_compute_thread(self._compute_and_encode, task, batch)
+                outputs, encoded, encode_s = await self._compute_watched(self._compute_and_encode, task, batch)
                 answers = asyncio.get_running_loop().create_future()
                 answers.set_result((encoded, encode_s))
         except Exception as exc:  # noqa: BLE001 - a model failure must not stop the worker
@@ -540,6 +542,12 @@ class Worker:
             self._compute_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowie-compute")
         context = contextvars.copy_context()
         return await asyncio.get_running_loop().run_in_executor(self._compute_pool, context.run, function, *args)
+
+    async def _compute_watched(self, function: Callable[..., Any], task: str, batch: list[_Prepared]) -> Any:
+        """``function(task, batch, progress)`` on the compute thread, its progress written to the queue
+        meanwhile (service.progress)."""
+        async with publishing(self.queue, [p.job_id for p in batch]) as progress:
+            return await self._on_compute_thread(function, task, batch, progress)
 
     async def _gather_answers(self, handed: list[Future[bytes]],
                               handed_at: float) -> tuple[list[bytes | Exception], float]:
@@ -617,12 +625,13 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - reported per job by _deliver
             return exc
 
-    def _compute(self, task: str, batch: list[_Prepared]) -> list[Any]:
-        """Compute thread: run the pipeline on the batch."""
+    def _compute(self, task: str, batch: list[_Prepared], progress: Progress | None = None) -> list[Any]:
+        """Compute thread: run the pipeline on the batch (reporting to ``progress``)."""
         assert self.runner is not None
         params = dataclasses.replace(batch[0].params, seed=None)
         seeds = [int(p.params.seed) for p in batch]  # type: ignore[arg-type]
-        outputs = self.runner.enhance(task, [p.pixels for p in batch], params, seeds)
+        with watching(progress):
+            outputs = self.runner.enhance(task, [p.pixels for p in batch], params, seeds)
         if len(outputs) != len(batch):
             raise RuntimeError(f"pipeline returned {len(outputs)} results for {len(batch)} images")
         return outputs
@@ -646,11 +655,11 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - reported per job by _deliver
             return exc
 
-    def _compute_and_encode(self, task: str, batch: list[_Prepared]) -> tuple[list[Any], list[bytes | Exception], float]:
+    def _compute_and_encode(self, task: str, batch: list[_Prepared], progress: Progress | None = None) -> tuple[list[Any], list[bytes | Exception], float]:
         """Compute thread: run the batch, then encode each output in its job's format (on the codec
         threads, unless a lone answer has one band: then here, which saves the hand-over):
         (outputs, answers, seconds the encoding took)."""
-        outputs = self._compute(task, batch)
+        outputs = self._compute(task, batch, progress)
         started = time.perf_counter()
         if len(batch) == 1 and self._png_bands(1) == 1:
             answers = [self._encode(batch[0], outputs[0])]
@@ -658,10 +667,10 @@ class Worker:
             answers = [self._outcome(f) for f in self._submit_answers(batch, outputs)]
         return outputs, answers, time.perf_counter() - started
 
-    def _compute_and_hand_off(self, task: str, batch: list[_Prepared]) -> tuple[list[Any], list[Future[bytes]], float]:
+    def _compute_and_hand_off(self, task: str, batch: list[_Prepared], progress: Progress | None = None) -> tuple[list[Any], list[Future[bytes]], float]:
         """Compute thread: run the batch and hand each output to the codec threads to encode, without
         waiting for them: (outputs, their answers to come, when they were handed over)."""
-        outputs = self._compute(task, batch)
+        outputs = self._compute(task, batch, progress)
         handed_at = time.perf_counter()
         return outputs, self._submit_answers(batch, outputs), handed_at
 

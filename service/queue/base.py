@@ -254,6 +254,16 @@ class JobQueue(abc.ABC):
         return finished
 
     @abc.abstractmethod
+    async def set_progress(self, job_ids: list[str], progress: dict[str, Any]) -> None:
+        """Record where the running jobs ``job_ids`` are (a batch shares one report: stage, step,
+        steps, tiles_done, tiles; jobs not running are left alone); one small write, a few times a
+        second at most (service.progress)."""
+
+    @abc.abstractmethod
+    async def progress(self, job_id: str) -> dict[str, Any] | None:
+        """The last progress report of a running job, or None."""
+
+    @abc.abstractmethod
     async def finish(self, delivery: Delivery, result: JobResult) -> None:
         """Store ``result`` (unless one exists), wake the waiter, then acknowledge the delivery."""
 

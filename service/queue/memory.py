@@ -35,6 +35,7 @@ class MemoryJobQueue(JobQueue):
         self._states: dict[str, tuple[str, str, float]] = {}  # id -> (state, task, forget at)
         self._results: dict[str, tuple[JobResult, float]] = {}  # id -> (result, expires at)
         self._waiters: dict[str, asyncio.Future[JobResult]] = {}
+        self._progress: dict[str, dict[str, Any]] = {}  # id -> last report, while the job computes
         self._available: asyncio.Event | None = None
         self._heartbeats: dict[str, float] = {}
         self._seconds_per_job: dict[str, float] = {}
@@ -168,6 +169,15 @@ class MemoryJobQueue(JobQueue):
             if entry and entry[0] == "queued":
                 self._states[delivery.job.id] = ("running", entry[1], entry[2])
 
+    async def set_progress(self, job_ids: list[str], progress: dict[str, Any]) -> None:
+        for job_id in job_ids:
+            entry = self._states.get(job_id)
+            if entry and entry[0] == "running" and job_id not in self._results:
+                self._progress[job_id] = dict(progress)
+
+    async def progress(self, job_id: str) -> dict[str, Any] | None:
+        return self._progress.get(job_id)
+
     async def finish(self, delivery: Delivery, result: JobResult) -> None:
         if delivery.job.id not in self._results:
             self._store(result)
@@ -175,6 +185,7 @@ class MemoryJobQueue(JobQueue):
 
     def _store(self, result: JobResult) -> None:
         self._results[result.id] = (result, time.time() + self.result_ttl_s)
+        self._progress.pop(result.id, None)
         entry = self._states.get(result.id)
         if entry:
             self._states[result.id] = (result.state, entry[1], max(entry[2], time.time() + self.result_ttl_s))
@@ -184,6 +195,7 @@ class MemoryJobQueue(JobQueue):
 
     async def release(self, deliveries: list[Delivery]) -> None:
         for delivery in reversed(deliveries):
+            self._progress.pop(delivery.job.id, None)
             if self._in_flight.pop(delivery.job.id, None) is not None and delivery.job.id not in self._results:
                 self._waiting[delivery.job.task].appendleft(delivery.job)
         if deliveries:

@@ -5,7 +5,8 @@ Keys (``P`` = ``FLOWIE_KEY_PREFIX``)::
     P:jobs:{task}      stream, one per task; consumer group "workers"; entry = meta JSON + image bytes
                        (+ the decoded pixels of a small upload, raw uint8, so the worker need not decode)
     P:dead:{task}      dead-letter stream (meta of jobs that exhausted FLOWIE_MAX_DELIVERIES)
-    P:job:{id}         hash: state, task, entry id, reply_to (TTL: deadline + result TTL)
+    P:job:{id}         hash: state, task, entry id, reply_to, progress JSON while it computes
+                       (TTL: deadline + result TTL)
     P:result:{id}      hash: meta JSON + encoded image + trace JSON (TTL: FLOWIE_RESULT_TTL_S)
     P:reply:{api}      list of wake-ups for one API process (its listener BLPOPs it): a finished
                        job's id, or (when its submit asked for it) the id with the whole result
@@ -160,6 +161,18 @@ return finished
 """
 
 
+# A computing batch's progress (service.progress), one round trip. KEYS: the job key of each job;
+# ARGV: the report JSON. Written only into the hashes of running jobs, so an expired hash is not
+# re-created (it would have no TTL) and a finished job shows no progress.
+_PROGRESS = """
+for i = 1, #KEYS do
+  if redis.call('HGET', KEYS[i], 'state') == 'running' then
+    redis.call('HSET', KEYS[i], 'progress', ARGV[1])
+  end
+end
+return 0
+"""
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -211,6 +224,7 @@ class RedisJobQueue(JobQueue):
         self._submit_script = self._redis.register_script(_SUBMIT)
         self._store_script = self._redis.register_script(_STORE)
         self._begin_script = self._redis.register_script(_BEGIN)
+        self._progress_script = self._redis.register_script(_PROGRESS)
         # job id -> the handler's future: set to the result (inline wake-up) or to None (read it)
         self._waiters: dict[str, asyncio.Future[JobResult | None]] = {}
         self._listener: asyncio.Task[None] | None = None
@@ -613,6 +627,17 @@ class RedisJobQueue(JobQueue):
             keys += [self.result_key(delivery.job.id), self.job_key(delivery.job.id)]
         positions = await self._call(self._begin_script(keys=keys, args=[]))
         return {deliveries[int(i) - 1].job.id for i in positions or []}
+
+    async def set_progress(self, job_ids: list[str], progress: dict[str, Any]) -> None:
+        if job_ids:
+            await self._call(self._progress_script(keys=[self.job_key(j) for j in job_ids],
+                                                   args=[json.dumps(progress, separators=(",", ":"))]))
+
+    async def progress(self, job_id: str) -> dict[str, Any] | None:
+        state, report = await self._call(self._redis.hmget(self.job_key(job_id), ["state", "progress"]))
+        if report is None or _text(state or b"") != "running":
+            return None
+        return dict(json.loads(report))
 
     async def finish(self, delivery: Delivery, result: JobResult) -> None:
         await self._store(result, task=delivery.job.task, reply_to=delivery.job.reply_to, ack=delivery.token,

@@ -360,7 +360,11 @@ async def running_worker(api: RedisJobQueue, queue: RedisJobQueue, worker: Worke
 
 
 def test_on_redis_a_lone_request_costs_one_round_trip_before_compute_and_no_result_read(
-        redis_server, tiny_runner, make_settings):
+        redis_server, tiny_runner, make_settings, monkeypatch):
+    from service import progress
+
+    # Progress reports (one write every PUBLISH_INTERVAL_S during compute) are off the request's path.
+    monkeypatch.setattr(progress, "PUBLISH_INTERVAL_S", 3600.0)
     settings = make_settings(max_batch=4, max_wait_ms=LONG_WINDOW_MS, heartbeat_s=30.0)
     api, queue = redis_pair(redis_server, "w" + uuid.uuid4().hex[:8])
     worker = Worker(queue, lambda: tiny_runner, settings, Metrics())
