@@ -63,12 +63,18 @@ COPY --from=builder /opt/flowie /opt/flowie
 COPY --chmod=0755 deploy/docker/healthcheck.py /usr/local/bin/flowie-healthcheck
 COPY --chmod=0755 deploy/docker/prepare.sh /usr/local/bin/flowie-prepare
 
+# The back end measured on a GPU (docs/PERF.md): torch, float16, every stage compiled, CUDA graphs
+# (on by default on CUDA). TensorRT and onnxruntime-CUDA (FLOWIE_BACKEND=tensorrt | onnx) are
+# experimental: they have never run on a GPU.
 ENV PATH=/opt/flowie/bin:${PATH} \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     FLOWIE_HOST=0.0.0.0 \
     FLOWIE_PORT=8000 \
-    FLOWIE_WORKER_METRICS_PORT=9101
+    FLOWIE_WORKER_METRICS_PORT=9101 \
+    FLOWIE_BACKEND=torch \
+    FLOWIE_DTYPE=float16 \
+    FLOWIE_TORCH_COMPILE=on
 
 USER 10001:10001
 WORKDIR /home/flowie
