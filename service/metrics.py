@@ -46,6 +46,10 @@ class Metrics:
                             ["task", "outcome"], registry=r)
         self.gpu_memory = Gauge("flowie_gpu_memory_bytes", "GPU memory held by the worker's torch allocator",
                                 ["device", "kind"], registry=r)
+        self.stored_results = Gauge("flowie_stored_results", "finished results the in-process queue holds",
+                                    registry=r)
+        self.stored_result_bytes = Gauge("flowie_stored_result_bytes",
+                                         "bytes of the encoded images the in-process queue holds", registry=r)
         self.build = Info("flowie_build", "version and role of this process", registry=r)
         self.build.info({"version": flowie.__version__, "python": platform.python_version(), "role": role})
 

@@ -187,6 +187,14 @@ class JobQueue(abc.ABC):
     async def forget(self, job_id: str) -> None:
         """Drop this process's wake-up registration (the handler stopped waiting)."""
 
+    async def delivered(self, job_id: str) -> None:  # noqa: B027 - optional hook
+        """The synchronous handler has answered with this job's result: drop the stored result (no
+        one else asked for it). Default: keep it until its TTL."""
+
+    def stored_results(self) -> tuple[int, int] | None:
+        """(results, bytes of their images) this process holds, or None where they live elsewhere."""
+        return None
+
     @abc.abstractmethod
     async def state(self, job_id: str) -> str | None:
         """queued | running | done | failed | cancelled | expired, or None for an unknown job."""
