@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Peak memory and time against image size, tiling on (issue 6, part 3).
+"""Peak memory and time against image size, tiling on.
 
     python loadtests/scaling_bench.py --model DIR --sizes 1,4,16 --out DIR \
         [--sampler one_step|mean_value] [--device cpu|cuda] [--plot PNG]
@@ -34,7 +34,7 @@ On a CPU shared with other work, pass ``--threads`` no larger than the cores rea
 the 2-core dev box): with more OpenMP threads than free cores every parallel region waits for a
 time slice and the timings measure the load, not the pipeline (docs/PERF-scaling.md, run 1).
 
-Writes ``scaling.json`` and a plot to --out, prints a table and checks the two claims of issue 6
+Writes ``scaling.json`` and a plot to --out, prints a table and checks the two scaling claims
 (memory flat once tiling engages: <= 1.2x between the two largest sizes; time ~ linear in
 pixels). It reports; it never fails on a timing.
 """
@@ -62,7 +62,7 @@ if str(ROOT) not in sys.path:
 STAGES = ("swinir", "cond_encoder", "flow_unet", "vae_decoder", "colour_fix")
 NETWORK_STAGES = ("swinir", "cond_encoder", "flow_unet", "vae_decoder")
 MIB = 1024 * 1024
-FLAT_LIMIT = 1.2  # issue 6: peak memory may grow at most 1.2x from 4 to 16 MP
+FLAT_LIMIT = 1.2  # the scaling target: peak memory may grow at most 1.2x from 4 to 16 MP
 LINEAR_TOLERANCE = 0.15  # time per pixel within +-15% of the smallest size counts as linear
 
 

@@ -306,7 +306,7 @@ class Settings(BaseSettings):
     @field_validator("torch_compile", mode="before")
     @classmethod
     def _torch_compile(cls, value: Any) -> str:
-        return _normalised_stage_setting(value, torch_compile_stages)  # a bool before session 6: still taken
+        return _normalised_stage_setting(value, torch_compile_stages)  # earlier releases took a bool: still taken
 
     @field_validator("channels_last", mode="before")
     @classmethod

@@ -389,7 +389,7 @@ def test_keda_scales_workers_on_the_real_stream_and_group() -> None:
     triggers = scaled["triggers"]
     assert all(t["type"] == "redis-streams" for t in triggers)
     pending = [t for t in triggers if "pendingEntriesCount" in t["metadata"]]
-    assert pending, "scale on the consumer group's pending entries (issue 5)"
+    assert pending, "scale on the consumer group's pending entries (jobs taken, not acknowledged)"
     for trigger in triggers:
         assert trigger["metadata"]["stream"] == stream
         assert trigger["authenticationRef"]["name"] in by_kind("TriggerAuthentication")
