@@ -32,7 +32,7 @@ Peak memory:
 
 On a CPU shared with other work, pass ``--threads`` no larger than the cores really free (1 on
 the 2-core dev box): with more OpenMP threads than free cores every parallel region waits for a
-time slice and the timings measure the load, not the pipeline (docs/PERF-scaling.md, run 1).
+time slice and the timings measure the load, not the pipeline (seen on a 2-core x86 VM, 2026-11-27).
 
 Writes ``scaling.json`` and a plot to --out, prints a table and checks the two scaling claims
 (memory flat once tiling engages: <= 1.2x between the two largest sizes; time ~ linear in

@@ -48,7 +48,7 @@ from service.queue.memory import MemoryJobQueue  # noqa: E402
 from service.settings import load_settings  # noqa: E402
 from service.worker import Worker  # noqa: E402
 
-# ms per image at 512 x 512, BFR mean-value, NVIDIA H200, fp16 + CUDA graphs (docs/PERF.md, 2026-11-27).
+# ms per image at 512 x 512, BFR mean-value, NVIDIA H200, fp16 + CUDA graphs (docs/perf/gpu_bench_h200_2026-11-27_a_pipeline.json).
 H200_BFR_MS_PER_IMAGE = {1: 93.0, 4: 49.2, 8: 42.3, 16: 39.2}
 
 

@@ -1,4 +1,4 @@
-"""The HTTP API: a FastAPI app factory over a JobQueue (DESIGN.md section 4).
+"""The HTTP API: a FastAPI app factory over a JobQueue (docs/ARCHITECTURE.md, the HTTP contract).
 
 `create_app` takes the queue and, for `flowie serve`, the in-process worker; `flowie api`
 passes a Redis queue and no worker. This module never imports torch: the worker's runner is

@@ -1,4 +1,4 @@
-"""Prometheus metrics of DESIGN.md section 6, one registry per process (API, worker, or both).
+"""Prometheus metrics (docs/ARCHITECTURE.md, Metrics), one registry per process (API, worker, or both).
 
 Buckets are chosen for this workload: a request or a stage takes from about 10 ms (a tiny image,
 one step) to about a minute (a large tiled image on the CPU), and a queue wait with no backlog

@@ -1,7 +1,7 @@
 """The queue between the HTTP handlers and the workers: one interface, two implementations.
 
 `memory.MemoryJobQueue` keeps everything in one process (`flowie serve`); `redis_streams.
-RedisJobQueue` joins any number of `flowie api` and `flowie worker` processes (DESIGN.md section 5).
+RedisJobQueue` joins any number of `flowie api` and `flowie worker` processes (docs/ARCHITECTURE.md, the queue).
 Both give the same guarantees where one process allows them:
 
 * admission control: `submit` refuses with `QueueFull` (carrying a Retry-After estimate) when a

@@ -282,7 +282,7 @@ def test_a_mixed_backlog_fills_batches_when_the_worker_reads_ahead(tiny_runner, 
 def test_a_buffer_of_two_batches_runs_a_mixed_backlog_one_job_at_a_time(tiny_runner, make_settings):
     # The previous behaviour (a buffer of 2 x max_batch = 4 jobs): the oldest job's mate is always
     # further back than the buffer reaches, so the window ends as soon as the buffer is full and
-    # every job runs alone. This is what the read-ahead fixes (docs/PERF.md, finding 5).
+    # every job runs alone. This is what the read-ahead (batch_lookahead) fixes.
     assert _mixed_backlog_batches(tiny_runner, make_settings, lookahead=4) == [1] * 9
 
 
