@@ -6,7 +6,8 @@
 # Base: nvcr.io/nvidia/tensorrt:25.01-py3 (NGC release 25.01): Ubuntu 24.04, CPython 3.12,
 # CUDA 12.8.0, cuDNN 9.7.0, TensorRT 10.8.0.43 as system libraries (plus trtexec for debugging).
 # Why this tag:
-#   * TensorRT plans only load under the exact TensorRT that built them. `prepare` builds the plans
+#   * TensorRT plans (the experimental back end) only load under the exact TensorRT that built
+#     them. `prepare` builds the plans when FLOWIE_BACKEND=tensorrt
 #     and `worker` loads them from this same image, so both see TensorRT 10.8.0.43; the Python
 #     bindings are pinned to that version in the lock (tensorrt-cu12-bindings==10.8.0.43).
 #   * onnxruntime-gpu 1.21 is built against TensorRT 10.8, CUDA 12.x and cuDNN 9: the onnx back end's
