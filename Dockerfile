@@ -6,7 +6,8 @@
 # Base: nvcr.io/nvidia/tensorrt:25.01-py3 (NGC release 25.01): Ubuntu 24.04, CPython 3.12,
 # CUDA 12.8.0, cuDNN 9.7.0, TensorRT 10.8.0.43 as system libraries (plus trtexec for debugging).
 # Why this tag:
-#   * TensorRT plans only load under the exact TensorRT that built them. `prepare` builds the plans
+#   * TensorRT plans (the experimental back end) only load under the exact TensorRT that built
+#     them. `prepare` builds the plans when FLOWIE_BACKEND=tensorrt
 #     and `worker` loads them from this same image, so both see TensorRT 10.8.0.43; the Python
 #     bindings are pinned to that version in the lock (tensorrt-cu12-bindings==10.8.0.43).
 #   * onnxruntime-gpu 1.21 is built against TensorRT 10.8, CUDA 12.x and cuDNN 9: the onnx back end's
@@ -63,12 +64,18 @@ COPY --from=builder /opt/flowie /opt/flowie
 COPY --chmod=0755 deploy/docker/healthcheck.py /usr/local/bin/flowie-healthcheck
 COPY --chmod=0755 deploy/docker/prepare.sh /usr/local/bin/flowie-prepare
 
+# The back end measured on a GPU (docs/PERF.md): torch, float16, every stage compiled, CUDA graphs
+# (on by default on CUDA). TensorRT and onnxruntime-CUDA (FLOWIE_BACKEND=tensorrt | onnx) are
+# experimental: they have never run on a GPU.
 ENV PATH=/opt/flowie/bin:${PATH} \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     FLOWIE_HOST=0.0.0.0 \
     FLOWIE_PORT=8000 \
-    FLOWIE_WORKER_METRICS_PORT=9101
+    FLOWIE_WORKER_METRICS_PORT=9101 \
+    FLOWIE_BACKEND=torch \
+    FLOWIE_DTYPE=float16 \
+    FLOWIE_TORCH_COMPILE=on
 
 USER 10001:10001
 WORKDIR /home/flowie

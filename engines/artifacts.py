@@ -111,7 +111,7 @@ def rebuild_hint(model_dir: str | Path, meta: dict | None = None) -> str:
     flags = ""
     if meta and meta.get("precision") == "fp16":
         flags = " --fp16"
-    return f"rebuild the plans on this machine with `flowie build-engines --model {model_dir}{flags}`"
+    return f"rebuild the plans on this host with `flowie build-engines --model {model_dir}{flags}`"
 
 
 def check_plan_meta(meta: dict, gpu_name: str, compute_capability: str, trt_version: str,
@@ -127,11 +127,11 @@ def check_plan_meta(meta: dict, gpu_name: str, compute_capability: str, trt_vers
     built_gpu = meta.get("gpu", {})
     problems = []
     if built_gpu.get("name") != gpu_name:
-        problems.append(f"GPU {built_gpu.get('name')!r} (this machine: {gpu_name!r})")
+        problems.append(f"GPU {built_gpu.get('name')!r} (this host: {gpu_name!r})")
     if str(built_gpu.get("compute_capability")) != str(compute_capability):
-        problems.append(f"compute capability {built_gpu.get('compute_capability')} (this machine: {compute_capability})")
+        problems.append(f"compute capability {built_gpu.get('compute_capability')} (this host: {compute_capability})")
     if meta.get("tensorrt") != trt_version:
-        problems.append(f"TensorRT {meta.get('tensorrt')} (this machine: {trt_version})")
+        problems.append(f"TensorRT {meta.get('tensorrt')} (this host: {trt_version})")
     if problems:
         raise StaleArtifactError(f"the TensorRT plans in {model_dir} were built for {', '.join(problems)}; "
                                  f"{rebuild_hint(model_dir, meta)}")

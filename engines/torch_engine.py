@@ -12,7 +12,7 @@ not what the references were made with). Both speed-ups are off unless asked for
   keep the fastest (``torch.backends.cudnn.benchmark``; a process-wide flag, CUDA only). The
   first call per shape is slower. The H200 numbers of docs/PERF.md were measured with it on.
 - ``channels_last``: keep the weights, and so the activations, in NHWC memory format. oneDNN's
-  CPU convolutions are faster that way (docs/PERF.md, session 7); outputs are returned in the
+  CPU convolutions are faster that way (docs/PERF.md, 2-core x86 VM); outputs are returned in the
   usual NCHW layout. The numbers differ from NCHW's only by float32 rounding.
 - ``control_stream`` (the flow UNet only, CUDA only): run FlowIE's ControlNet on a second CUDA stream
   beside the UNet's down path, which does not depend on it (``FlowUNet``). Same operations, same

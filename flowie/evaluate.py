@@ -97,7 +97,7 @@ class EvalReport:
         return out
 
     def bar(self, margin_db: float = 1.0) -> dict:
-        """Issue 7's bar: full pipeline >= input + margin (PSNR RGB), mean-value >= Euler (same NFE)."""
+        """The quality bar: full pipeline >= input + margin (PSNR RGB), mean-value >= Euler (same NFE)."""
         m = self.mean()
         if not all(k in m for k in ("input", "mean_value", "euler")):
             return {}
@@ -132,7 +132,7 @@ class EvalReport:
                       f"border crop {self.settings.get('crop_border')} px.", "", self.extra_note]
         bar = self.bar()
         if bar:
-            lines += ["", f"Bar (issue 7): full pipeline - input = {bar['gain_over_input_db']:+.2f} dB (need >= "
+            lines += ["", f"Bar: full pipeline - input = {bar['gain_over_input_db']:+.2f} dB (need >= "
                           f"{bar['required_gain_db']:.1f}); mean-value - Euler = {bar['mean_value_minus_euler_db']:+.2f} dB "
                           f"(need >= 0): {'PASSED' if bar['passed'] else 'MISSED'}."]
         return "\n".join(lines) + "\n"

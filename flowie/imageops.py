@@ -83,7 +83,7 @@ def images_to_tensor(images: list[np.ndarray], device: torch.device | str | None
     Bit-identical to the official ``torch.tensor(np.stack(lq) / 255.0, dtype=float32)``
     (:func:`bytes_to_unit_float`). The bytes travel to the device and are converted there: on a
     GPU this moves a quarter of the data and leaves the host's cores free (a batch of sixteen
-    512x512 images cost the host about 120 ms both ways in float, session 6).
+    512x512 images cost the host about 120 ms both ways in float on an NVIDIA H200 host, 2026-11-27).
     """
     if len(images) == 0:
         raise ValueError("images_to_tensor needs at least one image")

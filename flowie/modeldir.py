@@ -1,6 +1,6 @@
 """The model directory: the artefact every stage reads (torch-free).
 
-Layout (DESIGN.md section 3)::
+Layout (docs/ARCHITECTURE.md, the stage contract)::
 
     <model>/model.json
     <model>/<stage>.safetensors      swinir, cond_encoder, flow_unet, vae_decoder, null_context

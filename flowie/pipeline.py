@@ -30,13 +30,13 @@ STAGE_ORDER = ("swinir", "cond_encoder", "flow_unet", "vae_decoder")
 # (model.json tiling.pixel_tile / pixel_stride); these are the defaults and the CPU call-size unit.
 PIXEL_TILE, PIXEL_STRIDE = 512, 448
 # Tiles per network call on CUDA (the service's FLOWIE_TILE_BATCH=0). Chosen from the H200's batch
-# scaling of 512x512 work (docs/PERF.md, session 6): per image, batch 8 ran 1.17x batch 4 end to
+# scaling of 512x512 work (docs/PERF.md, NVIDIA H200, 2026-11-27): per image, batch 8 ran 1.17x batch 4 end to
 # end; a row of 8 tiles covers images up to about 3,600 pixels wide in one call.
 CUDA_TILE_BATCH = 8
 # On the CPU, tiles per call fill a call up to the area of one official tile (512 x 512 pixels;
 # FLOWIE_TILE_BATCH=0). Official-size tiles stay one per call, as the CPU memory record was
 # measured; a model with smaller tiles stops paying a call's overhead per small tile: the demo's
-# flow UNet, in 128-pixel tiles, ran 4x faster with 16 per call on 2 cores (docs/PERF.md, session 7).
+# flow UNet, in 128-pixel tiles, ran 4x faster with 16 per call on a 2-core x86 VM (docs/PERF.md, 2026-11-27).
 CPU_TILE_AREA = PIXEL_TILE * PIXEL_TILE
 # Smallest padded side we run: at 64 px the UNet bottom is 1x1, where GroupNorm degenerates.
 MIN_PADDED_SIDE = 128

@@ -6,7 +6,7 @@ this CPU work can rival the compute itself. This times the worker's own call
 (``service.imaging.submit_encode`` on a pool of codec threads, each PNG in the bands the worker
 gives it: the threads shared out among the batch's answers) on a 512 x 512 photo (scikit-image's
 astronaut, resized: a stand-in for a restored face) for a batch of answers, and Pillow's PNG
-encoder, which the worker used before session 10, the same way (one task per answer). It prints
+encoder (the simple alternative to the banded encoder) the same way (one task per answer). It prints
 the median of the repeats, ms per batch and per image, and bytes per image.
 
     python loadtests/encode_bench.py [--batch 4] [--threads 1,2] [--levels 6,1] [--repeats 5]
@@ -39,7 +39,7 @@ def photo(size: int) -> np.ndarray:
 
 
 def pillow_png(image: np.ndarray, level: int) -> bytes:
-    """The worker's PNG encoder until session 10."""
+    """Pillow's one-thread PNG encoder, the baseline the banded encoder is compared with."""
     from PIL import Image
 
     buffer = io.BytesIO()

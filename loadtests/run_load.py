@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Bounded HTTP load test of FlowIE Serve with a report (issue 6, part 1). Loopback targets only.
+"""Bounded HTTP load test of FlowIE Serve with a report. Loopback targets only.
 
 Profiles (``--profile``):
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Peak memory and time against image size, tiling on (issue 6, part 3).
+"""Peak memory and time against image size, tiling on.
 
     python loadtests/scaling_bench.py --model DIR --sizes 1,4,16 --out DIR \
         [--sampler one_step|mean_value] [--device cpu|cuda] [--plot PNG]
@@ -32,9 +32,9 @@ Peak memory:
 
 On a CPU shared with other work, pass ``--threads`` no larger than the cores really free (1 on
 the 2-core dev box): with more OpenMP threads than free cores every parallel region waits for a
-time slice and the timings measure the load, not the pipeline (docs/PERF-scaling.md, run 1).
+time slice and the timings measure the load, not the pipeline (seen on a 2-core x86 VM, 2026-11-27).
 
-Writes ``scaling.json`` and a plot to --out, prints a table and checks the two claims of issue 6
+Writes ``scaling.json`` and a plot to --out, prints a table and checks the two scaling claims
 (memory flat once tiling engages: <= 1.2x between the two largest sizes; time ~ linear in
 pixels). It reports; it never fails on a timing.
 """
@@ -42,27 +42,26 @@ pixels). It reports; it never fails on a timing.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as _dt
-import gc
 import json
 import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "loadtests"))
+from memory_probe import CpuMemory, CudaMemory  # noqa: E402
+from scaling_report import STAGES, format_claims, format_table, mib_text, plot  # noqa: E402
+
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-STAGES = ("swinir", "cond_encoder", "flow_unet", "vae_decoder", "colour_fix")
 NETWORK_STAGES = ("swinir", "cond_encoder", "flow_unet", "vae_decoder")
-MIB = 1024 * 1024
-FLAT_LIMIT = 1.2  # issue 6: peak memory may grow at most 1.2x from 4 to 16 MP
+FLAT_LIMIT = 1.2  # the scaling target: peak memory may grow at most 1.2x from 4 to 16 MP
 LINEAR_TOLERANCE = 0.15  # time per pixel within +-15% of the smallest size counts as linear
 
 
@@ -103,92 +102,6 @@ def parse_sizes(text: str) -> list[tuple[float | None, int, int]]:
 
 
 # ---------------------------------------------------------------------------- memory probes (child)
-
-
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-class CpuMemory:
-    """RSS probes for this process (bytes). ``reset_peak`` needs Linux >= 4.0 clear_refs."""
-
-    kind = "cpu_rss"
-
-    def __init__(self):
-        self.can_reset = self._try_reset()
-        self._libc = None
-        try:
-            self._libc = ctypes.CDLL("libc.so.6")
-        except OSError:
-            pass
-
-    @staticmethod
-    def _try_reset() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return _proc_status_kib("VmHWM") is not None
-        except OSError:
-            return False
-
-    def trim(self) -> None:
-        gc.collect()
-        if self._libc is not None and hasattr(self._libc, "malloc_trim"):
-            self._libc.malloc_trim(0)
-
-    def current(self) -> int:
-        kib = _proc_status_kib("VmRSS")
-        return (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-    def reset_peak(self) -> None:
-        if self.can_reset:
-            self._try_reset()
-
-    def peak(self) -> int:
-        """Peak RSS since the last reset (or since process start without clear_refs)."""
-        kib = _proc_status_kib("VmHWM") if self.can_reset else None
-        if kib is None:
-            kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        return kib * 1024
-
-
-class CudaMemory:
-    kind = "cuda_allocated"
-    can_reset = True
-
-    def __init__(self, device):
-        import torch
-
-        self.torch, self.device = torch, device
-
-    def trim(self) -> None:
-        gc.collect()
-        self.torch.cuda.synchronize(self.device)
-        self.torch.cuda.empty_cache()
-
-    def current(self) -> int:
-        return int(self.torch.cuda.memory_allocated(self.device))
-
-    def reset_peak(self) -> None:
-        self.torch.cuda.synchronize(self.device)
-        self.torch.cuda.reset_peak_memory_stats(self.device)
-
-    def peak(self) -> int:
-        self.torch.cuda.synchronize(self.device)
-        return int(self.torch.cuda.max_memory_allocated(self.device))
-
-    def peak_reserved(self) -> int:
-        return int(self.torch.cuda.max_memory_reserved(self.device))
-
-
-# ---------------------------------------------------------------------------- child process
 
 
 def synthetic_image(h: int, w: int, seed: int = 0):
@@ -573,110 +486,6 @@ def check_claims(rows: list[dict], flat_limit: float = FLAT_LIMIT, tolerance: fl
     return claims
 
 
-# ---------------------------------------------------------------------------- report
-
-
-def _mib(b: float | None) -> str:
-    return "-" if b is None else f"{b / MIB:,.0f}"
-
-
-def format_table(rows: list[dict]) -> str:
-    head = (f"{'MP':>6} {'H x W':>11} {'wall s':>8} {'s/MP':>7} "
-            + " ".join(f"{s[:8]:>8}" for s in STAGES)
-            + f" {'peak+ MiB':>10} {'image MiB':>10} {'work MiB':>9} {'peak/img':>8} {'cpu s':>8} {'load':>5}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        stage_s = " ".join(f"{(r['stages'][s]['seconds'] or 0):8.2f}" for s in STAGES)
-        lines.append(f"{r['megapixels']:6.2f} {r['h']:>5}x{r['w']:<5} {r['wall_s']:8.2f} {r['seconds_per_megapixel']:7.2f} "
-                     f"{stage_s} {_mib(r['peak_increase_bytes']):>10} {_mib(r['image_sized_bytes']):>10} "
-                     f"{_mib(r['working_bytes']):>9} {r['peak_increase_in_images']:8.2f} "
-                     f"{(r.get('cpu_s') or float('nan')):8.1f} {(r.get('loadavg_1min_mean') or float('nan')):5.1f}")
-    return "\n".join(lines)
-
-
-def format_claims(claims: dict) -> str:
-    out = []
-    mem = claims.get("memory_flat", {})
-    if "peak_increase_ratio" in mem:
-        def fmt(v):
-            return "n/a" if v is None else f"{v:.2f}x"
-        out.append(f"memory {mem['from_mp']:.2f} -> {mem['to_mp']:.2f} MP (pixels x{mem['pixel_ratio']:.2f}): "
-                   f"total peak {fmt(mem['peak_increase_ratio'])} "
-                   f"[{'HOLDS' if mem['total_holds'] else 'FAILS'} <= {claims['flat_limit']}x], "
-                   f"working memory above image-sized buffers {fmt(mem['working_ratio'])} "
-                   f"[{'HOLDS' if mem['working_holds'] else 'FAILS'}], image-sized buffers {fmt(mem['image_sized_ratio'])}")
-    else:
-        out.append(f"memory: {mem.get('note', 'not checked')}")
-    t = claims.get("time_linear")
-    if t:
-        rel = ", ".join(f"{v:.2f}" for v in t["time_per_pixel_vs_anchor"])
-        slope = "n/a" if t["loglog_slope"] is None else f"{t['loglog_slope']:.3f}"
-        work = ", ".join(f"{v:.2f}" for v in t["measured_vs_tiled_work_prediction"])
-        out.append(f"time: per-pixel time relative to {t['anchor_mp']:.2f} MP = [{rel}], log-log slope {slope}: "
-                   f"linear within +-{claims['linear_tolerance']:.0%} {'HOLDS' if t['holds'] else 'FAILS'}, "
-                   f"at most linear {'HOLDS' if t['at_most_linear'] else 'FAILS'}")
-        if t.get("cpu_time_per_pixel_vs_anchor"):
-            cpu_rel = ", ".join(f"{v:.2f}" for v in t["cpu_time_per_pixel_vs_anchor"])
-            out.append(f"      CPU time per pixel relative to {t['anchor_mp']:.2f} MP = [{cpu_rel}]")
-        out.append(f"      measured / (linear in tiled pixels processed) = [{work}]: "
-                   f"{'HOLDS' if t['holds_vs_tiled_work'] else 'FAILS'} within +-{claims['linear_tolerance']:.0%}")
-    return "\n".join(out)
-
-
-def plot(rows: list[dict], claims: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullLocator
-
-    mp = [r["megapixels"] for r in rows]
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
-    ax_t.plot(mp, [r["wall_s"] for r in rows], "o-", color="black", lw=2, label=f"end to end ({rows[0].get('path', 'run_batch')})")
-    for name in STAGES:
-        ys = [r["stages"][name]["seconds"] for r in rows]
-        if all(y is not None and y > 0 for y in ys):
-            ax_t.plot(mp, ys, ".--", lw=1, label=name)
-    ideal = [rows[0]["wall_s"] * r["pixels"] / rows[0]["pixels"] for r in rows]
-    ax_t.plot(mp, ideal, ":", color="red", lw=1.5, label=f"ideal linear in pixels from {mp[0]:.2g} MP")
-    predicted = claims.get("time_linear", {}).get("predicted_by_tiled_work_s")
-    if predicted:
-        ax_t.plot(mp, predicted, ":", color="grey", lw=1.5, label="linear in tiled pixels processed")
-    ax_t.set_xscale("log", base=2)
-    ax_t.set_yscale("log")
-    ax_t.set_xlabel("megapixels")
-    ax_t.set_ylabel("seconds")
-    ax_t.set_title("time vs image size (log-log)")
-    ax_t.grid(True, which="both", alpha=0.3)
-    ax_t.legend(fontsize=7)
-
-    ax_m.plot(mp, [r["peak_increase_bytes"] / MIB for r in rows], "o-", color="black", lw=2,
-              label="peak above model + input (total)")
-    if all(r["image_sized_bytes"] is not None for r in rows):
-        ax_m.plot(mp, [r["image_sized_bytes"] / MIB for r in rows], "s--", label="image-sized buffers (null networks)")
-    if all(r["working_bytes"] is not None for r in rows):
-        ax_m.plot(mp, [r["working_bytes"] / MIB for r in rows], "^-", label="working memory above image-sized buffers")
-    mem = claims.get("memory_flat", {})
-    if "peak_increase_ratio" in mem:
-        # The claim: the total at the largest size stays under this line.
-        ax_m.axhline(rows[-2]["peak_increase_bytes"] * claims["flat_limit"] / MIB, color="red", ls=":", lw=1,
-                     label=f"{claims['flat_limit']}x the total at {rows[-2]['megapixels']:.3g} MP (the limit)")
-    ax_m.set_xscale("log", base=2)
-    for ax in (ax_t, ax_m):
-        ax.set_xticks(mp, [f"{m:.3g}" for m in mp])
-        ax.xaxis.set_minor_locator(NullLocator())
-    ax_m.set_xlabel("megapixels")
-    ax_m.set_ylabel("MiB")
-    ax_m.set_title(f"peak memory ({rows[0].get('memory_kind', '')})")
-    ax_m.grid(True, which="both", alpha=0.3)
-    ax_m.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------------------- main
 
 
@@ -799,8 +608,8 @@ def main(argv=None) -> int:
         row["memory_kind"] = real["memory_kind"]
         rows.append(row)
         raw.append({"real": real, "null": null})
-        print(f"[scaling]   wall {real['wall_s']:.2f} s, peak +{_mib(row['peak_increase_bytes'])} MiB, "
-              f"image-sized {_mib(row['image_sized_bytes'])} MiB, working {_mib(row['working_bytes'])} MiB "
+        print(f"[scaling]   wall {real['wall_s']:.2f} s, peak +{mib_text(row['peak_increase_bytes'])} MiB, "
+              f"image-sized {mib_text(row['image_sized_bytes'])} MiB, working {mib_text(row['working_bytes'])} MiB "
               f"(child {real['child_elapsed_s']:.0f} s)", flush=True)
         if mp_index + 1 < len(args.sizes):
             write_report(args, argv, started, t_start, rows, raw, complete=False)

@@ -9,7 +9,7 @@ process and minutes, and prints images per second and the ratio.
 
 What computes (``--compute``):
 
-* ``h200`` (default): a stand-in for a GPU. This machine has none, so the runner waits, with the
+* ``h200`` (default): a stand-in for a GPU on a host without one: the runner waits, with the
   GIL released as a thread waiting on the card does, for the time the H200 took per batch of that
   size (fp16 + CUDA graphs, the service's settings, docs/PERF.md) and answers with the input.
   Decoding, batching, encoding and storing are the worker's own. It tells whether the worker gets
@@ -48,7 +48,7 @@ from service.queue.memory import MemoryJobQueue  # noqa: E402
 from service.settings import load_settings  # noqa: E402
 from service.worker import Worker  # noqa: E402
 
-# ms per image at 512 x 512, BFR mean-value, NVIDIA H200, fp16 + CUDA graphs (docs/PERF.md, session 1).
+# ms per image at 512 x 512, BFR mean-value, NVIDIA H200, fp16 + CUDA graphs (docs/perf/gpu_bench_h200_2026-11-27_a_pipeline.json).
 H200_BFR_MS_PER_IMAGE = {1: 93.0, 4: 49.2, 8: 42.3, 16: 39.2}
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: install FlowIE Serve (CPU torch) if needed, then run the
+# Run FlowIE Serve on a fresh host: install FlowIE Serve (CPU torch) if needed, then run the
 # service on the embedded defaults: in-memory queue, bundled demo model (models/demo), CPU.
 # Extra arguments go to `flowie serve` (e.g. --port 8080, --model DIR).
 set -euo pipefail

@@ -1,4 +1,4 @@
-"""The HTTP API: a FastAPI app factory over a JobQueue (DESIGN.md section 4).
+"""The HTTP API: a FastAPI app factory over a JobQueue (docs/ARCHITECTURE.md, the HTTP contract).
 
 `create_app` takes the queue and, for `flowie serve`, the in-process worker; `flowie api`
 passes a Redis queue and no worker. This module never imports torch: the worker's runner is
@@ -23,6 +23,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Path, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.background import BackgroundTask
 from starlette.datastructures import Headers, MutableHeaders, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -445,7 +446,10 @@ def create_app(settings: Settings, queue: JobQueue, models: dict[str, ModelInfo]
                 raise problems.DeadlineExceeded(f"the job did not finish within its {deadline_s:g} s deadline")
             return _accepted(job.id, task, await queue.state(job.id) or "queued", {})
         notify_s = max(0.0, time.time() - result.finished_at) if result.finished_at else None
-        return _result_response(result, accept, time.perf_counter() - started, decode_s, notify_s)
+        response = _result_response(result, accept, time.perf_counter() - started, decode_s, notify_s)
+        # Answered: nobody else asked for this result, so the queue need not keep it (after sending).
+        response.background = BackgroundTask(queue.delivered, job.id)
+        return response
 
     async def _decode(data: bytes) -> Any:
         try:
@@ -607,6 +611,10 @@ def create_app(settings: Settings, queue: JobQueue, models: dict[str, ModelInfo]
                 metrics.queue_depth.labels(task=task).set(await queue.depth(task))
             except QueueUnavailableError:
                 pass
+        stored = queue.stored_results()
+        if stored is not None:
+            metrics.stored_results.set(stored[0])
+            metrics.stored_result_bytes.set(stored[1])
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app

@@ -1,4 +1,4 @@
-"""Prometheus metrics of DESIGN.md section 6, one registry per process (API, worker, or both).
+"""Prometheus metrics (docs/ARCHITECTURE.md, Metrics), one registry per process (API, worker, or both).
 
 Buckets are chosen for this workload: a request or a stage takes from about 10 ms (a tiny image,
 one step) to about a minute (a large tiled image on the CPU), and a queue wait with no backlog
@@ -46,6 +46,10 @@ class Metrics:
                             ["task", "outcome"], registry=r)
         self.gpu_memory = Gauge("flowie_gpu_memory_bytes", "GPU memory held by the worker's torch allocator",
                                 ["device", "kind"], registry=r)
+        self.stored_results = Gauge("flowie_stored_results", "finished results the in-process queue holds",
+                                    registry=r)
+        self.stored_result_bytes = Gauge("flowie_stored_result_bytes",
+                                         "bytes of the encoded images the in-process queue holds", registry=r)
         self.build = Info("flowie_build", "version and role of this process", registry=r)
         self.build.info({"version": flowie.__version__, "python": platform.python_version(), "role": role})
 

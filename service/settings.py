@@ -164,6 +164,12 @@ class Settings(BaseSettings):
         description="seconds from admission after which a job is dropped (504); X-Deadline-S may shorten it",
     )
     result_ttl_s: int = Field(3600, ge=1, description="seconds results of finished jobs are kept")
+    max_stored_results: int = Field(
+        1024, ge=1, description="most finished results `flowie serve` keeps for GET /jobs; the oldest go first"
+    )
+    max_stored_result_mib: int = Field(
+        256, ge=1, description="most MiB of result images `flowie serve` keeps for GET /jobs; the oldest go first"
+    )
     drain_timeout_s: float = Field(
         30.0, ge=0, description="seconds a SIGTERM-ed API waits for requests in flight to finish"
     )
@@ -303,7 +309,7 @@ class Settings(BaseSettings):
     @field_validator("torch_compile", mode="before")
     @classmethod
     def _torch_compile(cls, value: Any) -> str:
-        return _normalised_stage_setting(value, torch_compile_stages)  # a bool before session 6: still taken
+        return _normalised_stage_setting(value, torch_compile_stages)  # earlier releases took a bool: still taken
 
     @field_validator("channels_last", mode="before")
     @classmethod

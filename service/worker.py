@@ -31,15 +31,8 @@ batch: there the encoding is a few per cent of compute and would compete with it
 answer is compressed in horizontal bands side by side (``service.png``): the codec threads are shared
 out among a batch's answers, so a lone answer, whose encode is on its request's path, uses them all.
 
-Warm-up (``FLOWIE_WARMUP``): before it reports ready, the worker runs each warm-up work size once
-at every batch size up to ``max_batch`` on a blank image, so that the first requests of that size do
-not pay what a new input shape costs on a GPU (CUDA-graph capture, the cuDNN algorithm search,
-torch.compile). A size equal to a large image's tiles on CUDA runs up to the tiles per network call
-(``FLOWIE_TILE_BATCH``, 8) when that is more: tiled calls have those shapes. With torch.compile
-on (``FLOWIE_TORCH_COMPILE``) it then runs one more size, whose sides both differ, at batch 1 and 2,
-so that dynamo compiles its graphs for any size now and not when the first odd-sized photo comes
-(``Runner.shape_probe``). Its progress is logged and shown by /readyz; a failing size is logged and
-skipped.
+Warm-up (``FLOWIE_WARMUP``, ``service.warmup``): before it reports ready, the worker runs the
+work sizes that requests will bring, so that they do not pay what a new input shape costs on a GPU.
 
 Shutdown (``request_stop``, SIGTERM): the batch in progress finishes and is stored; jobs taken
 but not started are handed back to the queue for other workers.
@@ -79,7 +72,8 @@ from service.metrics import Metrics
 from service.progress import publishing
 from service.queue.base import Delivery, JobQueue, JobResult, QueueUnavailableError
 from service.runner import Runner
-from service.settings import MIN_WARMUP_SIDE, Settings, warmup_sizes
+from service.settings import Settings
+from service.warmup import warm_up, warmup_runs
 
 log = logging.getLogger("flowie.service.worker")
 
@@ -201,65 +195,14 @@ class Worker:
                     pool.shutdown(wait=False)
             self._codec_pool = self._decode_pool = self._compute_pool = None
 
-    def _warmup_plan(self) -> dict[str, list[tuple[int, int]]]:
-        """Work sizes (H, W) to warm up, per task (see FLOWIE_WARMUP)."""
-        assert self.runner is not None
-        setting = self.settings.warmup
-        if setting == "off" or (setting == "auto" and not self.settings.device.startswith("cuda")):
-            return {}
-        if setting == "auto":
-            sides = {task: self.runner.default_min_side(task) for task in self.runner.tasks}
-            return {task: [(side, side)] for task, side in sides.items() if side >= MIN_WARMUP_SIDE}
-        return {task: warmup_sizes(setting) for task in self.runner.tasks}
-
-    def _warmup_batches(self, task: str, height: int, width: int) -> int:
-        """Batch sizes 1..n to warm a size up at: max_batch, or more for a large image's tile size,
-        whose calls on CUDA stack up to FLOWIE_TILE_BATCH tiles (Runner.tile_rows)."""
-        assert self.runner is not None
-        return max(self.max_batch, self.runner.tile_rows(task, height, width))
-
-    def _warmup_runs(self) -> list[tuple[str, int, int, int, str]]:
-        """(task, height, width, batches 1..n, why) for every warm-up size, and for each task whose
-        networks are compiled one more size (Runner.shape_probe) at batch 1 and 2: after it, images of
-        other sizes find their graphs compiled already."""
-        assert self.runner is not None
-        runs = []
-        for task, sizes in self._warmup_plan().items():
-            runs += [(task, h, w, self._warmup_batches(task, h, w), "") for h, w in sizes]
-            probe = self.runner.shape_probe(task, *sizes[0]) if sizes else None
-            if probe is not None:
-                runs.append((task, *probe, min(2, self.max_batch), ", compiling for other sizes"))
-        return runs
-
     async def _warm_up(self) -> None:
-        """Run every warm-up size once at each batch size up to max_batch (up to the tiles per call
-        for the size of a large image's tiles), before reporting ready."""
+        """Run the warm-up (service.warmup) before reporting ready; /readyz shows its progress."""
         assert self.runner is not None
-        plan = self._warmup_runs()
-        runs = sum(top for *_, top, _ in plan)
-        if not runs:
-            return
-        log.info("warming up: %d batches", runs, extra={"worker_id": self.worker_id})
-        started, done = time.perf_counter(), 0
-        params = EnhanceParams(upscale=1.0, min_side=0)  # the image's own size is the work size
-        for task, height, width, top, why in plan:
-            blank = np.full((height, width, 3), 128, dtype=np.uint8)
-            for n in range(1, top + 1):
-                if self._stopping:
-                    return
-                done += 1
-                self.warming = f"{task} {height}x{width}, batch {n} of {top}{why} ({done}/{runs})"
-                t0 = time.perf_counter()
-                try:
-                    await self._on_compute_thread(self.runner.enhance, task, [blank] * n, params,
-                                                  list(range(n)))
-                except Exception as exc:  # noqa: BLE001 - requests of this size will say more
-                    log.warning("warm-up of %s %dx%d failed at batch %d (%s: %s); skipping that size",
-                                task, height, width, n, type(exc).__name__, exc)
-                    break
-                log.info("warm-up %s", self.warming, extra={"seconds": round(time.perf_counter() - t0, 3)})
-        self.warming = None
-        log.info("warm-up done in %.1f s", time.perf_counter() - started, extra={"worker_id": self.worker_id})
+        await warm_up(self.runner, warmup_runs(self.runner, self.settings), self._on_compute_thread,
+                      self._show_warming, lambda: self._stopping)
+
+    def _show_warming(self, what: str | None) -> None:
+        self.warming = what
 
     async def _hand_back(self) -> None:
         unstarted = [p.delivery for p in self._buffer] + self._inbox

@@ -71,7 +71,7 @@ def test_demo_stage1_restores_a_held_out_crop_better_than_bicubic(held_out_resul
     assert r["swinir"] > r["bicubic"], f"SwinIR {r['swinir']:.2f} dB vs bicubic {r['bicubic']:.2f} dB"
 
 
-@pytest.mark.xfail(strict=True, reason="the CPU-trained demo misses issue 7's bar: its flow + VAE path loses "
+@pytest.mark.xfail(strict=True, reason="the CPU-trained demo misses its quality bar: its flow + VAE path loses "
                                        "to bicubic on held-out images (docs/DEMO_MODEL.md); a better model "
                                        "makes this XPASS, which fails until the marker is removed")
 def test_demo_full_pipeline_restores_a_held_out_crop_better_than_bicubic(held_out_results):

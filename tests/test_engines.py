@@ -223,7 +223,7 @@ def _meta(gpu="NVIDIA H100 80GB HBM3", capability="9.0", trt="10.3.0", precision
             "precision": precision, "stages": {}}
 
 
-def test_plan_meta_matching_this_machine_is_accepted():
+def test_plan_meta_matching_the_host_is_accepted():
     check_plan_meta(_meta(), "NVIDIA H100 80GB HBM3", "9.0", "10.3.0")
 
 
@@ -231,7 +231,7 @@ def test_plan_meta_matching_this_machine_is_accepted():
     "machine, named",
     [
         (("NVIDIA A100-SXM4-80GB", "8.0", "10.3.0"), "GPU 'NVIDIA H100 80GB HBM3'"),
-        (("NVIDIA H100 80GB HBM3", "9.0", "10.8.0"), "TensorRT 10.3.0 (this machine: 10.8.0)"),
+        (("NVIDIA H100 80GB HBM3", "9.0", "10.8.0"), "TensorRT 10.3.0 (this host: 10.8.0)"),
         (("NVIDIA H100 80GB HBM3", "8.9", "10.3.0"), "compute capability 9.0"),
     ],
 )

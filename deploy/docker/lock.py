@@ -14,7 +14,7 @@ GPU image (the versions are the ``GPU_PINS`` below; docs/DEPLOY.md says why each
 * ``tensorrt``     -> ``tensorrt-cu12-bindings`` only: the libraries come from the base image,
                       whose TensorRT version the bindings must equal.
 
-Resolution is for the image's interpreter (CPython 3.12, glibc 2.39, x86_64) whatever this machine
+Resolution is for the image's interpreter (CPython 3.12, glibc 2.39, x86_64) whatever host
 runs, from PyPI itself (``--isolated``: no local wheel folder or mirror can change a hash).
 pip downloads each wheel once to read its metadata; expect a few GB of traffic.
 

@@ -5,7 +5,8 @@
 #   1. D/model.json missing      -> flowie convert  CHECKPOINT_DIR/N.ckpt (or N.safetensors)
 #                                   --config CHECKPOINT_DIR/N.yaml (or the preset N_v1)
 #                                   --null-context FLOWIE_PREPARE_NULL_CONTEXT -o D
-#   2. FLOWIE_BACKEND onnx or tensorrt -> flowie export --model D
+#   2. FLOWIE_BACKEND onnx or tensorrt (experimental; the default torch stops after 1)
+#                                -> flowie export --model D
 #                                   (skips the stages whose ONNX files are up to date)
 #   3. FLOWIE_BACKEND=tensorrt   -> flowie build-engines --model D [--fp16 when FLOWIE_DTYPE is
 #                                   float16 or bfloat16] (skips plans up to date for this GPU and
@@ -17,7 +18,7 @@ set -eu
 MODEL_DIRS=${FLOWIE_MODEL_DIRS:?set FLOWIE_MODEL_DIRS, e.g. /models/bfr}
 CHECKPOINT_DIR=${FLOWIE_PREPARE_CHECKPOINT_DIR:-/checkpoints}
 NULL_CONTEXT=${FLOWIE_PREPARE_NULL_CONTEXT:-$CHECKPOINT_DIR/null_token_1024.pth}
-BACKEND=${FLOWIE_BACKEND:-tensorrt}
+BACKEND=${FLOWIE_BACKEND:-torch}
 DTYPE=${FLOWIE_DTYPE:-float32}
 
 log() { printf 'flowie-prepare: %s\n' "$*" >&2; }

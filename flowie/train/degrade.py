@@ -14,7 +14,7 @@ Every random choice comes from one ``numpy.random.Generator``, so a seed fixes t
 bit for bit (PIL's JPEG codec is deterministic for a given quality).
 
 The ranges are documented on :class:`DegradationRanges` and in docs/DEMO_MODEL.md; the
-``PRESETS`` are fixed degradations for evaluation (``x4_bar`` is the bar of issue 7).
+``PRESETS`` are fixed degradations for evaluation (``x4_bar`` is the demo model's quality bar, docs/DEMO_MODEL.md).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class DegradationParams:
         return asdict(self)
 
 
-# Fixed evaluation degradations. ``x4_bar``: the bar of issue 7 (x4 bicubic down, blur
+# Fixed evaluation degradations. ``x4_bar``: the demo model's quality bar (x4 bicubic down, blur
 # sigma 1.5, Gaussian noise 5/255, JPEG q60, served back at the original size).
 PRESETS: dict[str, DegradationParams] = {
     "x4_bar": DegradationParams(),

@@ -1,4 +1,4 @@
-"""The service's Prometheus metrics, scraped before and after a run, as deltas (DESIGN.md section 6).
+"""The service's Prometheus metrics, scraped before and after a run, as deltas (docs/ARCHITECTURE.md, Metrics).
 
 In `flowie serve` one /metrics holds every series. With `flowie api` + `flowie worker` the API's
 /metrics has the request series (requests, request duration, rejections, queue depth) and each

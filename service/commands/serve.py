@@ -24,7 +24,9 @@ def run(args: argparse.Namespace) -> int:
     load_runner = _serving.runner_factory(settings, models)
 
     metrics = Metrics(role="serve")
-    queue = MemoryJobQueue(max_queue=settings.max_queue, result_ttl_s=settings.result_ttl_s)
+    queue = MemoryJobQueue(max_queue=settings.max_queue, result_ttl_s=settings.result_ttl_s,
+                           max_results=settings.max_stored_results,
+                           max_result_bytes=settings.max_stored_result_mib << 20)
     worker = Worker(queue, load_runner, settings, metrics)
     app = create_app(settings, queue, models, worker=worker, metrics=metrics)
     return _serving.serve_http(app, settings)

@@ -1,7 +1,7 @@
 """The queue between the HTTP handlers and the workers: one interface, two implementations.
 
 `memory.MemoryJobQueue` keeps everything in one process (`flowie serve`); `redis_streams.
-RedisJobQueue` joins any number of `flowie api` and `flowie worker` processes (DESIGN.md section 5).
+RedisJobQueue` joins any number of `flowie api` and `flowie worker` processes (docs/ARCHITECTURE.md, the queue).
 Both give the same guarantees where one process allows them:
 
 * admission control: `submit` refuses with `QueueFull` (carrying a Retry-After estimate) when a
@@ -186,6 +186,14 @@ class JobQueue(abc.ABC):
     @abc.abstractmethod
     async def forget(self, job_id: str) -> None:
         """Drop this process's wake-up registration (the handler stopped waiting)."""
+
+    async def delivered(self, job_id: str) -> None:  # noqa: B027 - optional hook
+        """The synchronous handler has answered with this job's result: drop the stored result (no
+        one else asked for it). Default: keep it until its TTL."""
+
+    def stored_results(self) -> tuple[int, int] | None:
+        """(results, bytes of their images) this process holds, or None where they live elsewhere."""
+        return None
 
     @abc.abstractmethod
     async def state(self, job_id: str) -> str | None:

@@ -4,6 +4,11 @@ Everything of the Redis queue that makes sense in one process holds: bounded adm
 Retry-After estimate, wake-up by future registered before the job is visible, results with a
 TTL, cancellation and deadlines checked by the worker before compute, graceful release.
 There is nothing to reclaim: a dead worker here is a dead process.
+
+Memory is bounded: live jobs by ``max_queue`` per task; stored results by count
+(``max_results``) and by the bytes of their images (``max_result_bytes``), the oldest dropped
+first (its job then reads as unknown, as after its TTL); a result the synchronous handler has
+answered with is dropped at once (`delivered`), so sync traffic keeps nothing.
 """
 
 from __future__ import annotations
@@ -27,9 +32,13 @@ _EWMA = 0.3  # weight of the newest service-time sample
 
 
 class MemoryJobQueue(JobQueue):
-    def __init__(self, max_queue: int, result_ttl_s: float) -> None:
+    def __init__(self, max_queue: int, result_ttl_s: float, max_results: int = 1024,
+                 max_result_bytes: int = 256 << 20) -> None:
         self.max_queue = max_queue
         self.result_ttl_s = result_ttl_s
+        self.max_results = max_results
+        self.max_result_bytes = max_result_bytes
+        self._result_bytes = 0  # sum of len(result.image) over self._results
         self._waiting: dict[str, collections.deque[Job]] = collections.defaultdict(collections.deque)
         self._in_flight: dict[str, Delivery] = {}
         self._states: dict[str, tuple[str, str, float]] = {}  # id -> (state, task, forget at)
@@ -52,7 +61,7 @@ class MemoryJobQueue(JobQueue):
             return
         self._last_purge = now
         for job_id in [k for k, (_, expires) in self._results.items() if expires < now]:
-            del self._results[job_id]
+            self._drop_result(job_id)
         for job_id in [k for k, (_, _, forget) in self._states.items() if forget < now]:
             del self._states[job_id]
 
@@ -106,7 +115,7 @@ class MemoryJobQueue(JobQueue):
         if current is None:
             return None
         if current in TERMINAL_STATES:
-            self._results.pop(job_id, None)
+            self._drop_result(job_id)
             return current
         task = self._states[job_id][1]
         self._waiting[task] = collections.deque(j for j in self._waiting[task] if j.id != job_id)
@@ -184,14 +193,33 @@ class MemoryJobQueue(JobQueue):
         self._in_flight.pop(delivery.job.id, None)
 
     def _store(self, result: JobResult) -> None:
+        self._drop_result(result.id)
         self._results[result.id] = (result, time.time() + self.result_ttl_s)
         self._progress.pop(result.id, None)
+        self._result_bytes += len(result.image)
+        while len(self._results) > 1 and (len(self._results) > self.max_results
+                                          or self._result_bytes > self.max_result_bytes):
+            oldest = next(iter(self._results))  # dicts keep insertion order: the oldest first
+            self._drop_result(oldest)
+            self._states.pop(oldest, None)
         entry = self._states.get(result.id)
         if entry:
             self._states[result.id] = (result.state, entry[1], max(entry[2], time.time() + self.result_ttl_s))
         future = self._waiters.pop(result.id, None)
         if future is not None and not future.done():
             future.set_result(result)
+
+    def _drop_result(self, job_id: str) -> None:
+        entry = self._results.pop(job_id, None)
+        if entry is not None:
+            self._result_bytes -= len(entry[0].image)
+
+    async def delivered(self, job_id: str) -> None:
+        self._drop_result(job_id)
+        self._states.pop(job_id, None)
+
+    def stored_results(self) -> tuple[int, int]:
+        return len(self._results), self._result_bytes
 
     async def release(self, deliveries: list[Delivery]) -> None:
         for delivery in reversed(deliveries):

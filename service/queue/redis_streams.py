@@ -44,6 +44,12 @@ Why it is shaped like this:
   the entries they hold fresh with ``XCLAIM ... JUSTID`` (resets idle time, not the delivery
   count) and reclaim entries idle past the visibility timeout with XAUTOCLAIM; past
   ``max_deliveries`` an entry is dead-lettered and its client gets a problem response.
+* Memory: every job and result key has a TTL (deadline + ``result_ttl_s``; ``result_ttl_s``), a
+  synchronous request's result is deleted once its handler has answered (`delivered`), and the
+  streams hold at most ``max_queue`` entries per task. The deployment caps Redis with
+  ``maxmemory`` and ``noeviction``: a full Redis refuses writes, so admission and result stores raise
+  QueueUnavailableError ("redis is full") and the API answers 503 with Retry-After until TTLs and
+  deliveries make room; queued jobs are never evicted silently.
 * A Redis restart is survived when Redis persists (AOF): streams, groups and pending lists come
   back; clients see QueueUnavailableError (503) meanwhile and every process reconnects.
 """
@@ -432,6 +438,13 @@ class RedisJobQueue(JobQueue):
         if meta is not None:
             return str(json.loads(meta)["state"])
         return _text(state) if state is not None else None
+
+    async def delivered(self, job_id: str) -> None:
+        """Delete the answered job's result and job hash; while Redis is unreachable their TTL does it."""
+        try:
+            await self._call(self._redis.delete(self.result_key(job_id), self.job_key(job_id)))
+        except QueueUnavailableError:
+            pass
 
     async def result(self, job_id: str) -> JobResult | None:
         fields = await self._call(self._redis.hgetall(self.result_key(job_id)))

@@ -1,7 +1,7 @@
 """The deployment files are valid for the tools that will read them, checked offline by real tools.
 
 * docker-compose.yml (and the multi-GPU override): Docker Compose v2's own `config` (it needs no
-  Docker engine), then the promises of issue 5 read from the model Compose resolved.
+  Docker engine), then the promises of the deployment read from the model Compose resolved.
 * deploy/haproxy: `haproxy -c`.  deploy/prometheus: `promtool check config`, `check rules`, and
   the rule unit tests with `promtool test rules`.
 * deploy/k8s: core kinds against the Kubernetes OpenAPI schemas bundled by `kubernetes-validate`
@@ -124,6 +124,17 @@ def test_worker_reserves_one_gpu_and_waits_for_prepare(compose_model: dict[str, 
     models = [v for v in worker["volumes"] if v["target"] == "/models"]
     assert models and models[0]["read_only"]
     assert "workers" in worker["networks"]["default"]["aliases"]
+
+
+# The configuration that has run on a GPU (docs/PERF.md): torch, float16, every stage compiled.
+MEASURED_BACKEND = {"FLOWIE_BACKEND": "torch", "FLOWIE_DTYPE": "float16", "FLOWIE_TORCH_COMPILE": "on"}
+
+
+def test_compose_defaults_to_the_back_end_measured_on_a_gpu(compose_model: dict[str, Any]) -> None:
+    for name in ("worker", "api", "prepare"):
+        env = compose_model["services"][name]["environment"]
+        assert {key: env[key] for key in MEASURED_BACKEND} == MEASURED_BACKEND, name
+        assert "FLOWIE_CUDA_GRAPHS" not in env or env["FLOWIE_CUDA_GRAPHS"] in ("true", "1", "on"), name
 
 
 def test_prepare_is_a_one_shot_on_the_gpu(compose_model: dict[str, Any]) -> None:
@@ -357,6 +368,12 @@ def test_workers_request_one_gpu_each() -> None:
     assert worker["livenessProbe"]["httpGet"]["port"] == "metrics"
 
 
+def test_kubernetes_config_defaults_to_the_back_end_measured_on_a_gpu() -> None:
+    data = by_kind("ConfigMap")["flowie-config"]["data"]
+    assert {key: data[key] for key in MEASURED_BACKEND} == MEASURED_BACKEND
+    assert data.get("FLOWIE_CUDA_GRAPHS", "true") == "true"
+
+
 def test_keda_scales_workers_on_the_real_stream_and_group() -> None:
     """Stream and group names come from the queue code, not from a copy of them."""
     from service.queue import redis_streams
@@ -372,7 +389,7 @@ def test_keda_scales_workers_on_the_real_stream_and_group() -> None:
     triggers = scaled["triggers"]
     assert all(t["type"] == "redis-streams" for t in triggers)
     pending = [t for t in triggers if "pendingEntriesCount" in t["metadata"]]
-    assert pending, "scale on the consumer group's pending entries (issue 5)"
+    assert pending, "scale on the consumer group's pending entries (jobs taken, not acknowledged)"
     for trigger in triggers:
         assert trigger["metadata"]["stream"] == stream
         assert trigger["authenticationRef"]["name"] in by_kind("TriggerAuthentication")
@@ -424,6 +441,12 @@ def test_dockerfile_runs_flowie_as_non_root_with_a_healthcheck() -> None:
     assert {"**/*.ckpt", "**/*.safetensors", "**/*.onnx", "**/*.plan"} <= set(patterns)
 
 
+def test_the_image_defaults_to_the_back_end_measured_on_a_gpu() -> None:
+    runtime = (ROOT / "Dockerfile").read_text().split("AS runtime", 1)[1]
+    env = dict(re.findall(r"^\s*(?:ENV\s+)?(FLOWIE_[A-Z_]+)=(\S+?)\s*\\?$", runtime, re.M))
+    assert {key: env[key] for key in MEASURED_BACKEND} == MEASURED_BACKEND
+
+
 def test_gpu_lock_covers_pyproject_and_matches_the_base_image() -> None:
     result = run_tool([sys.executable, str(DEPLOY / "docker" / "lock.py"), "--check"])
     assert result.returncode == 0, result.stderr
@@ -461,7 +484,7 @@ def test_dashboard_json_is_what_the_generator_writes() -> None:
         "run python deploy/grafana/build_dashboard.py")
 
 
-def test_dashboard_has_the_panels_of_issue_5() -> None:
+def test_dashboard_has_the_panels_an_operator_needs() -> None:
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "flowie.json").read_text())
     titles = {p["title"] for p in dashboard["panels"] if p["type"] != "row"}
     assert {"Request rate by status", "Latency p50 / p95 / p99", "Queue wait vs compute", "Queue depth",

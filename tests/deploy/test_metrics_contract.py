@@ -84,7 +84,7 @@ def test_dashboard_and_rules_read_only_exported_metrics(live_flowie) -> None:
     assert not missing, f"queried but not exported by flowie serve: {missing}"
     unknown_records = {name for name in queried if ":" in name} - recorded
     assert not unknown_records, f"recording rules used but not defined in {RULES.name}: {unknown_records}"
-    # The contract covers every family of DESIGN section 6.
+    # The contract covers every family of docs/ARCHITECTURE.md, Metrics.
     for family in ("flowie_requests_total", "flowie_request_duration_seconds_bucket", "flowie_queue_wait_seconds_bucket",
                    "flowie_queue_depth", "flowie_rejections_total", "flowie_batch_size_bucket",
                    "flowie_stage_duration_seconds_sum", "flowie_jobs_total", "flowie_gpu_memory_bytes",

@@ -76,6 +76,14 @@ def test_existing_model_is_not_converted_again_and_torch_needs_no_export(tmp_pat
     assert calls == [f"export --model {model}"]
 
 
+def test_by_default_only_converts_as_the_torch_back_end_needs(tmp_path: Path, checkpoints: Path) -> None:
+    models = tmp_path / "models"
+    result, calls = run_prepare(tmp_path, FAKE_CONVERT, FLOWIE_MODEL_DIRS=f"{models}/bfr",
+                                FLOWIE_PREPARE_CHECKPOINT_DIR=str(checkpoints))
+    assert result.returncode == 0, result.stderr
+    assert [c.split()[0] for c in calls] == ["convert"]
+
+
 def test_missing_checkpoint_fails_with_a_message(tmp_path: Path, checkpoints: Path) -> None:
     result, calls = run_prepare(tmp_path, FAKE_CONVERT, FLOWIE_MODEL_DIRS=str(tmp_path / "models" / "faces"),
                                 FLOWIE_PREPARE_CHECKPOINT_DIR=str(checkpoints))

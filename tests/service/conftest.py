@@ -2,7 +2,7 @@
 
 Apps run in-process through Starlette's TestClient (its portal thread runs the app's event loop,
 the in-process worker included). Every app that computes shares one loaded PipelineRunner on the
-tiny reference model, so the model loads once per session.
+tiny reference model, so the model loads once per test run (session-scoped fixture).
 """
 
 from __future__ import annotations

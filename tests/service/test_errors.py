@@ -1,4 +1,4 @@
-"""Every error status of the contract comes back as RFC 9457 problem+json (DESIGN.md section 4)."""
+"""Every error status of the contract comes back as RFC 9457 problem+json (docs/ARCHITECTURE.md, the HTTP contract)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""POST /enhance and /jobs: the HTTP contract of DESIGN.md section 4 on the embedded service.
+"""POST /enhance and /jobs: the HTTP contract of docs/ARCHITECTURE.md on the embedded service.
 
 Everything runs the real pipeline on the tiny reference model (min_side=128 keeps it cheap).
 """

@@ -1,4 +1,4 @@
-"""/metrics parses with prometheus_client's parser; the series of DESIGN.md section 6 are present and move."""
+"""/metrics parses with prometheus_client's parser; the series of docs/ARCHITECTURE.md (Metrics) are present and move."""
 
 from __future__ import annotations
 

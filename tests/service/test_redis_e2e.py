@@ -1,6 +1,6 @@
 """Redis mode end to end: `flowie api` + 2 x `flowie worker` processes on a real redis-server.
 
-Promises checked (DESIGN.md section 5): concurrent requests are batched; a worker SIGKILLed while
+Promises checked (docs/ARCHITECTURE.md, the queue): concurrent requests are batched; a worker SIGKILLed while
 it holds a batch loses no accepted job; a Redis stop/restart gives 503 while down and loses no
 accepted job; a flood past FLOWIE_MAX_QUEUE gets 429s, never a 5xx, and admitted jobs complete.
 The tests run in file order on one cluster (the kill test leaves one worker).

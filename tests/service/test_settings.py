@@ -117,7 +117,7 @@ def test_warmup_is_auto_off_or_a_list_of_sizes(monkeypatch):
 
 
 def test_the_control_stream_is_on_by_default_and_can_be_turned_off(monkeypatch):
-    """Chosen by the H200 run of session 10 (docs/PERF.md): never slower, 1.08x BFR at batch 1."""
+    """On an NVIDIA H200 (docs/PERF.md, 2026-11-27) it was never slower: 1.08x BFR at batch 1."""
     assert load_settings().control_stream is True
     monkeypatch.setenv("FLOWIE_CONTROL_STREAM", "false")
     assert load_settings().control_stream is False
@@ -125,7 +125,7 @@ def test_the_control_stream_is_on_by_default_and_can_be_turned_off(monkeypatch):
 
 def test_torch_compile_is_off_on_all_or_a_list_of_stages(monkeypatch):
     assert load_settings().torch_compile == "off" and torch_compile_stages("off") == ()
-    monkeypatch.setenv("FLOWIE_TORCH_COMPILE", "true")  # the setting was a bool before session 6
+    monkeypatch.setenv("FLOWIE_TORCH_COMPILE", "true")  # earlier releases took a bool
     assert load_settings().torch_compile == "on"
     assert torch_compile_stages("on") == ("swinir", "cond_encoder", "flow_unet", "vae_decoder")
     assert torch_compile_stages("all") == ("swinir", "cond_encoder", "flow_unet", "vae_decoder")
