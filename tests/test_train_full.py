@@ -365,3 +365,52 @@ def test_accumulation_and_gradient_checkpointing_train_like_the_plain_step(init_
             torch.testing.assert_close(variant[key], value, atol=2e-5, rtol=0, msg=key)
     bf16 = one_step(bf16=True)
     assert max((bf16[k] - plain[k]).abs().max().item() for k in plain) < 1e-3
+
+
+# ------------------------------------------------------------------------------------------ full size
+
+
+def _manifest(name: str) -> dict[str, tuple[int, ...]]:
+    data = json.loads((FIXTURE.parent / name).read_text())
+    return {k: tuple(v["shape"]) for k, v in data["keys"].items()}
+
+
+def test_full_size_sd_layout_maps_and_writes_back_the_official_bfr_layout():
+    """On the meta device, at full size: the SD 2.1 layout (DiffBIR's manifest: plain SD UNet, VAE, OpenCLIP,
+    schedule) fills every network of the bfr_v1 preset, and the official writer gives exactly the keys and
+    shapes of the official FlowIE BFR checkpoint (its text encoder aside)."""
+    from flowie.convert import check_against_modules, map_checkpoint
+    from flowie.nets.flow_unet import FlowUNet
+    from flowie.nets.swinir import SwinIR
+    from flowie.nets.vae import CondEncoder, VaeDecoder
+    from flowie.train.init import InitReport, _vae_halves, controlnet_from_unet, ldm_sd_parts
+    from flowie.train.lora import lora_targets
+    from flowie.train.official import official_state_dict
+
+    diffbir = _manifest("manifest_diffbir_face_v1.json")
+    sd_layout = {k: torch.empty(s, device="meta") for k, s in diffbir.items()
+                 if not k.startswith(("control_model.", "cond_encoder.", "preprocess_model."))}
+    spec = parse_config(load_config("bfr_v1"))
+    report = InitReport()
+    unet, vae = ldm_sd_parts(sd_layout, spec, report)
+    encoder, decoder = _vae_halves(vae, spec, report, Path("sd"))
+    with torch.device("meta"):
+        flow = FlowUNet(spec.unet)
+        swinir = SwinIR(spec.swinir).state_dict()
+    control = controlnet_from_unet(unet, {k: tuple(v.shape) for k, v in flow.controlnet.state_dict().items()}, report)
+    assert report.controlnet["widened_zero_hint_channels"] == ["conv_in.weight"] and report.controlnet["zero_convs"] == 26
+    stages = {"swinir": swinir, "cond_encoder": encoder, "vae_encoder": encoder, "vae_decoder": decoder,
+              "flow_unet": {**{f"unet.{k}": v for k, v in unet.items()}, **{f"controlnet.{k}": v for k, v in control.items()}}}
+    with torch.device("meta"):
+        modules = {"swinir": SwinIR(spec.swinir), "cond_encoder": CondEncoder(spec.vae, 1.0),
+                   "vae_encoder": CondEncoder(spec.vae, 1.0), "vae_decoder": VaeDecoder(spec.vae, 1.0), "flow_unet": flow}
+    check_against_modules(stages, modules)
+    lora = {}
+    for name, linear in lora_targets(flow.unet):
+        lora[f"{name}.lora_down.weight"] = torch.empty(4, linear.in_features, device="meta")
+        lora[f"{name}.lora_up.weight"] = torch.empty(linear.out_features, 4, device="meta")
+    official = official_state_dict(stages, lora, spec)
+    expected = {k: s for k, s in _manifest("manifest_flowie_bfr_v1.json").items() if not k.startswith("cond_stage_model.")}
+    assert {k: tuple(v.shape) for k, v in official.items()} == expected
+    served = map_checkpoint(official, spec)
+    assert set(served) == {"swinir", "cond_encoder", "vae_decoder", "flow_unet"}

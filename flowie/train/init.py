@@ -101,30 +101,41 @@ def read_sd(path: str | Path, spec: ModelSpec, report: InitReport) -> tuple[dict
             report.notes.append(f"{path / other} not read (text encoder, tokenizer, scheduler: the null context "
                                 "replaces the text encoder)")
         report.mapped["sd.unet"] = len(unet)
-    else:
-        sd = load_checkpoint(path)
-        unet_sub, vae = {}, {}
-        for key, value in sd.items():
-            if key.startswith("model.diffusion_model."):
-                unet_sub[key[len("model.diffusion_model."):]] = value
-            elif key.startswith("first_stage_model."):
-                vae[key] = value
-            elif key in SCHEDULE_BUFFERS:
-                report.ignore("diffusion schedule buffers (rectified flow recomputes nothing from them)")
-            elif key.startswith("cond_stage_model."):
-                report.ignore("cond_stage_model.* (text encoder; the null context comes from --null-context)")
-            elif key.startswith("model_ema."):
-                report.ignore("model_ema.* (EMA bookkeeping of the SD training)")
-            elif key.startswith(("control_model.", "cond_encoder.", "preprocess_model.")):
-                report.ignore(f"{key.split('.')[0]}.* in --sd (taken only from --controlnet-from / --swinir)")
-            else:
-                raise ConversionError(f"unexpected key {key!r} in {path}: not a Stable Diffusion checkpoint?")
-        if not unet_sub:
-            raise ConversionError(f"{path} has no model.diffusion_model.* keys (not an ldm SD checkpoint)")
-        if any(".lora_down." in k for k in unet_sub):
-            raise ConversionError(f"{path} holds LoRA factors: pass the plain SD 2.1-base UNet as --sd")
-        unet = _remap(unet_sub, keymap.unet_map(spec.unet), "model.diffusion_model")
-        report.mapped["sd.model.diffusion_model"] = len(unet)
+        return unet, *_vae_halves(vae, spec, report, path)
+    unet, vae = ldm_sd_parts(load_checkpoint(path), spec, report, str(path))
+    return unet, *_vae_halves(vae, spec, report, path)
+
+
+def ldm_sd_parts(sd: dict[str, torch.Tensor], spec: ModelSpec, report: InitReport, where: str = "--sd"
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """An ldm SD state dict -> (UNet in our names, ``first_stage_model.*``); every other key ignored with its reason."""
+    unet_sub, vae = {}, {}
+    for key, value in sd.items():
+        if key.startswith("model.diffusion_model."):
+            unet_sub[key[len("model.diffusion_model."):]] = value
+        elif key.startswith("first_stage_model."):
+            vae[key] = value
+        elif key in SCHEDULE_BUFFERS:
+            report.ignore("diffusion schedule buffers (rectified flow recomputes nothing from them)")
+        elif key.startswith("cond_stage_model."):
+            report.ignore("cond_stage_model.* (text encoder; the null context comes from --null-context)")
+        elif key.startswith("model_ema."):
+            report.ignore("model_ema.* (EMA bookkeeping of the SD training)")
+        elif key.startswith(("control_model.", "cond_encoder.", "preprocess_model.")):
+            report.ignore(f"{key.split('.')[0]}.* in --sd (taken only from --controlnet-from / --swinir)")
+        else:
+            raise ConversionError(f"unexpected key {key!r} in {where}: not a Stable Diffusion checkpoint?")
+    if not unet_sub:
+        raise ConversionError(f"{where} has no model.diffusion_model.* keys (not an ldm SD checkpoint)")
+    if any(".lora_down." in k for k in unet_sub):
+        raise ConversionError(f"{where} holds LoRA factors: pass the plain SD 2.1-base UNet as --sd")
+    unet = _remap(unet_sub, keymap.unet_map(spec.unet), "model.diffusion_model")
+    report.mapped["sd.model.diffusion_model"] = len(unet)
+    return unet, vae
+
+
+def _vae_halves(vae: dict[str, torch.Tensor], spec: ModelSpec, report: InitReport, path: Path
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     other_vae = [k for k in vae if not k[len("first_stage_model."):].startswith(VAE_HALVES)]
     report.ignore("first_stage_model.loss.* and other VAE-training parts", len(other_vae))
     encoder = _vae_part(vae, "first_stage_model.", spec.vae, "encoder")
@@ -132,7 +143,7 @@ def read_sd(path: str | Path, spec: ModelSpec, report: InitReport) -> tuple[dict
     if not encoder or not decoder:
         raise ConversionError(f"{path} lacks the VAE (first_stage_model.* or vae/)")
     report.mapped["sd.vae"] = len(encoder) + len(decoder)
-    return unet, encoder, decoder
+    return encoder, decoder
 
 
 # ---------------------------------------------------------------- ControlNet
@@ -154,7 +165,7 @@ def controlnet_from_unet(unet: dict[str, torch.Tensor], control_shapes: dict[str
             copied.append(key)
         elif source is not None and source.dim() == 4 and shape[0] == source.shape[0] and shape[2:] == source.shape[2:] \
                 and shape[1] > source.shape[1]:
-            extra = torch.zeros(shape[0], shape[1] - source.shape[1], *shape[2:], dtype=source.dtype)
+            extra = torch.zeros(shape[0], shape[1] - source.shape[1], *shape[2:], dtype=source.dtype, device=source.device)
             out[key] = torch.cat([source, extra], dim=1)
             widened.append(key)
         elif source is None and key.startswith(("controlnet_down_blocks.", "controlnet_mid_block.")):
