@@ -414,3 +414,16 @@ def test_full_size_sd_layout_maps_and_writes_back_the_official_bfr_layout():
     assert {k: tuple(v.shape) for k, v in official.items()} == expected
     served = map_checkpoint(official, spec)
     assert set(served) == {"swinir", "cond_encoder", "vae_decoder", "flow_unet"}
+
+
+def test_swinir_source_may_be_a_flowie_train_stage1_checkpoint(tmp_path, fixture_sd):
+    from flowie.train.init import InitReport, read_swinir
+
+    official = {k[len("preprocess_model."):]: v for k, v in fixture_sd.items() if k.startswith("preprocess_model.")}
+    stage1 = tmp_path / "swinir.pt"
+    torch.save({"format": 1, "phase": "swinir", "modules": {"swinir": official}}, stage1)
+    report = InitReport()
+    got = read_swinir(stage1, report)
+    learned = {k: v for k, v in official.items() if not k.endswith((".attn_mask", ".relative_position_index"))}
+    assert got.keys() == learned.keys() and all(torch.equal(got[k], learned[k]) for k in got)
+    assert report.ignored == {"SwinIR attn_mask / relative_position_index buffers (recomputed)": len(official) - len(learned)}
