@@ -45,17 +45,34 @@ def one_thread():
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWIE_")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    # gloo on the loopback interface: the test's processes never need another one.
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), GLOO_SOCKET_IFNAME="lo")
     return env
 
 
-def _cli(*args: str, torchrun: int = 0, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _main(*args: str) -> tuple[int, str]:
+    """The `flowie` command in this process (no interpreter start-up); (exit code, stderr)."""
+    import contextlib
+    import io
+
+    from service.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, err.getvalue()
+
+
+def _cli(*args: str, torchrun: int = 0, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(torchrun),
                "-m", "service.cli", *args]
     else:
         cmd = [sys.executable, "-m", "service.cli", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    try:
+        return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:  # show where it stood
+        pytest.fail(f"{' '.join(args[:1])} did not finish in {timeout} s; stderr: {exc.stderr!s:.4000}")
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +102,10 @@ def sd_ckpt(tmp_path_factory, fixture_sd) -> Path:
 def init_dir(tmp_path_factory, sd_ckpt) -> Path:
     """`flowie init` from the ldm checkpoint, ControlNet by the stage-2 rule, SwinIR from the DiffBIR-style ckpt."""
     out = tmp_path_factory.mktemp("init") / "init"
-    result = _cli("init", "--config", str(CONFIG), "--sd", str(sd_ckpt), "--swinir", str(CKPT),
-                  "--null-context", str(NULL), "-o", str(out))
-    assert result.returncode == 0, result.stderr
-    (out / "cli.log").write_text(result.stderr)
+    code, log = _main("init", "--config", str(CONFIG), "--sd", str(sd_ckpt), "--swinir", str(CKPT),
+                      "--null-context", str(NULL), "-o", str(out))
+    assert code == 0, log
+    (out / "cli.log").write_text(log)
     return out
 
 
@@ -238,8 +255,8 @@ def _assert_same_training(a: dict, b: dict, atol: float) -> None:
 def single_run(tmp_path_factory, init_dir) -> Path:
     """One process, batch 2, 3 steps: the reference run."""
     out = tmp_path_factory.mktemp("single") / "model"
-    result = _cli("train", "--arch", "full", "--init", str(init_dir), "--out", str(out), "--batch", "2", *TRAIN_ARGS)
-    assert result.returncode == 0, result.stderr
+    code, log = _main("train", "--arch", "full", "--init", str(init_dir), "--out", str(out), "--batch", "2", *TRAIN_ARGS)
+    assert code == 0, log
     return out
 
 
@@ -328,8 +345,8 @@ def test_official_ckpt_has_the_official_layout_and_converts_to_the_exported_mode
     from flowie.convert import convert
 
     ckpt = tmp_path / "flowie_trained.ckpt"
-    result = _cli("export-model", str(single_run / "checkpoints" / "state.pt"), "--official-ckpt", str(ckpt))
-    assert result.returncode == 0, result.stderr
+    code, log = _main("export-model", str(single_run / "checkpoints" / "state.pt"), "--official-ckpt", str(ckpt))
+    assert code == 0, log
     official = load_checkpoint(ckpt)
     # The tiny official model (text encoder: Identity) has exactly these keys and shapes.
     assert {k: tuple(v.shape) for k, v in official.items()} == {k: tuple(v.shape) for k, v in fixture_sd.items()}
