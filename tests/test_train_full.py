@@ -236,6 +236,7 @@ def test_init_from_diffusers_folder_matches_diffusers_networks(tmp_path):
 
 
 TRAIN_ARGS = ["--images", "skimage", "--steps", "3", "--crop", "128", "--threads", "1", "--degradation", "general",
+              "--val-images", "skimage-holdout", "--val-every", "3",
               "--checkpoint-every", "1"]
 
 
@@ -315,6 +316,8 @@ def test_exported_model_serves_and_its_merged_unet_equals_the_lora_network(init_
     from flowie.pipeline import Pipeline
     from flowie.train.full import FullConfig, FullTrainer
 
+    logged = [json.loads(line) for line in (single_run / "checkpoints" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "val_loss" in r] == [3] and np.isfinite([r["val_loss"] for r in logged if "val_loss" in r]).all()
     info = read_model_dir(single_run)
     assert info.meta["source"]["lora_merged"] > 0 and info.meta["source"]["steps"] == 3
     pipe = Pipeline.from_model_dir(single_run)

@@ -68,6 +68,9 @@ class FullConfig:
     checkpoint_every: int = 500
     export_every: int = 0
     log_every: int = 10
+    val_images: str | None = None  # held-out images for the validation loss and previews
+    val_every: int = 0
+    val_samples: int = 4
     device: str = "cpu"
 
     @property
@@ -78,6 +81,7 @@ class FullConfig:
         """What a resumed run must share (not the step count, paths, device or split over processes)."""
         data = asdict(self)
         for key in ("steps", "out", "checkpoint_dir", "checkpoint_every", "export_every", "log_every", "device",
+                    "val_images", "val_every", "val_samples",
                     "batch", "accum", "init", "bf16", "grad_checkpointing"):
             data.pop(key)
         return json.dumps({**data, "global_batch": global_batch, "init_sha256": init_sha}, sort_keys=True)
@@ -133,7 +137,8 @@ class FullTrainer:
         self.data = FullDataset(cfg.images, cfg.crop, cfg.degradation, cfg.seed)
         self.global_batch = cfg.batch * cfg.accum * world.size
         self.step = 0
-        self.history: list[dict] = []
+        self._val_data: FullDataset | None = None
+        self._val_decoder: nn.Module | None = None
 
     # ------------------------------------------------------------------ one step
 
@@ -207,6 +212,10 @@ class FullTrainer:
                     self.progress(self.step, cfg.steps, loss, rate)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     logger.scalars(self.step, {"loss": loss, "images_per_s": rate})
+                if self.world.is_main and cfg.val_images and cfg.val_every and self.step % cfg.val_every == 0:
+                    val_loss, previews = self.validate()
+                    logger.scalars(self.step, {"val_loss": val_loss}, prefix="val")
+                    logger.images(self.step, previews)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.save_checkpoint()
                 if cfg.export_every and self.step % cfg.export_every == 0 and self.step < cfg.steps:
@@ -218,6 +227,36 @@ class FullTrainer:
                 self.export(cfg.out)
         finally:
             logger.close()
+
+    @torch.no_grad()
+    def validate(self) -> tuple[float, dict[str, torch.Tensor]]:
+        """Loss on fixed held-out samples at fixed t (1/n .. 1 of 999), and one-step previews x_T + v at t = 999.
+
+        Runs the unwrapped network on rank 0 only (no collective), in eval mode; training state is untouched.
+        """
+        if self._val_data is None:
+            self._val_data = FullDataset(self.cfg.val_images, self.cfg.crop, self.cfg.degradation, self.cfg.seed + 1)
+            self._val_decoder = load_stage(self.info, "vae_decoder", self.device)
+        n = self.cfg.val_samples
+        clean, lq = (x.to(self.device) for x in self._val_data.batch(0, n))
+        restored = self.swinir(lq)
+        c_latent = self.cond_encoder(restored)
+        x_0 = self.vae_encoder(clean) * self.scale_factor  # posterior mode: no sampling noise in validation
+        gen = torch.Generator().manual_seed(self.cfg.seed + 1)
+        x_T = torch.randn(x_0.shape, generator=gen).to(self.device)
+        t = torch.linspace(T_MAX / n, T_MAX, n).round().to(self.device)
+        tn = (t / T_MAX).view(-1, 1, 1, 1)
+        context = self.null_context.expand(n, -1, -1)
+        self.flow.eval()
+        try:
+            v = self.flow(tn * x_T + (1 - tn) * x_0, t, c_latent, context)
+            v_999 = self.flow(x_T, torch.full_like(t, float(T_MAX)), c_latent, context)
+        finally:
+            self.flow.train()
+        loss = float(F.mse_loss(v, x_0 - x_T))
+        previews = {"lq": lq, "swinir": restored.clamp(0, 1), "one_step": self._val_decoder(x_T + v_999).clamp(0, 1),
+                    "clean": clean}
+        return loss, previews
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -314,14 +353,20 @@ class _Logger:
         except ImportError:
             self.writer = None
 
-    def scalars(self, step: int, values: dict[str, float]) -> None:
+    def scalars(self, step: int, values: dict[str, float], prefix: str = "train") -> None:
         if not self.active:
             return
         self.file.write(json.dumps({"step": step, **values}) + "\n")
         self.file.flush()
         if self.writer is not None:
             for key, value in values.items():
-                self.writer.add_scalar(f"train/{key}", value, step)
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+
+    def images(self, step: int, images: dict[str, torch.Tensor]) -> None:
+        """Image batches [N,3,H,W] in [0,1] (TensorBoard only: the JSONL log holds numbers)."""
+        if self.active and self.writer is not None:
+            for key, value in images.items():
+                self.writer.add_images(f"val/{key}", value.float().cpu(), step)
 
     def close(self) -> None:
         if self.file:

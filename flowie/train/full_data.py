@@ -1,7 +1,7 @@
 """Training data of the full-size recipe: image lists, a shuffled global order, the official degradations.
 
 Sources: a folder (searched recursively, as the official ``scripts/make_file_list.py`` does), a
-file list in that script's format (one image path per line), or ``skimage`` for tests.
+file list in that script's format (one image path per line), or ``skimage`` / ``skimage-holdout`` (scikit-image's split) for tests.
 
 Sharding: sample ``g`` of the run (a global index, counted over steps, accumulation micro-batches,
 ranks and batch positions) is image ``perm_e[g mod N]`` of epoch ``e = g // N``, where ``perm_e``
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flowie.train.data import IMAGE_SUFFIXES, SKIMAGE_TRAIN, _skimage, read_image
+from flowie.train.data import IMAGE_SUFFIXES, SKIMAGE_HOLDOUT, SKIMAGE_TRAIN, _skimage, read_image
 from flowie.train.degrade import DegradationParams, DegradationRanges, apply_uint8, sample_params
 
 DEGRADATIONS = ("face", "general")
@@ -58,8 +58,8 @@ GENERAL_SCALE = 4  # the second order ends at 1/4 of the crop
 
 def list_images(source: str | Path) -> list[str]:
     """Image paths of a folder (recursive, sorted) or of a file list (one path per line); ``skimage``."""
-    if str(source) == "skimage":
-        return [f"skimage:{name}" for name in SKIMAGE_TRAIN]
+    if str(source) in ("skimage", "skimage-holdout"):
+        return [f"skimage:{name}" for name in (SKIMAGE_TRAIN if str(source) == "skimage" else SKIMAGE_HOLDOUT)]
     path = Path(source)
     if path.is_dir():
         files = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)

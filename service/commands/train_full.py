@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--export-every", type=int, default=0,
                        help="also write a model directory OUT/step-NNNNNNN every this many steps (default 0: only at the end)")
     group.add_argument("--log-every", type=int, default=10, help="steps between loss log lines (default 10)")
+    group.add_argument("--val-images", default=None,
+                       help="held-out images (folder or file list): validation loss, and previews in TensorBoard")
+    group.add_argument("--val-every", type=int, default=1000, help="steps between validations (default 1000)")
 
 
 def _one(text: str | None, cast, default, what: str):
@@ -51,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
                          lr=_one(args.lr, float, 1e-4, "lr"), lora_rank=args.lora_rank, degradation=args.degradation,
                          seed=args.seed, bf16=args.bf16, grad_checkpointing=args.grad_checkpointing,
                          checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                         export_every=args.export_every, log_every=args.log_every, device=args.device)
+                         export_every=args.export_every, log_every=args.log_every, val_images=args.val_images,
+                         val_every=args.val_every, device=args.device)
         if cfg.crop % 64 or cfg.crop <= 0:
             raise ValueError(f"--crop must be a positive multiple of 64, got {cfg.crop}")
         if min(cfg.batch, cfg.accum, cfg.steps) <= 0:
