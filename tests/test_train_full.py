@@ -366,7 +366,8 @@ def test_official_ckpt_has_the_official_layout_and_converts_to_the_exported_mode
 
 
 def test_accumulation_and_gradient_checkpointing_train_like_the_plain_step(init_dir, tmp_path):
-    """accum 2 x batch 1 = batch 2; activation checkpointing recomputes the same numbers; bf16 runs."""
+    """accum 2 x batch 1 = batch 2; activation checkpointing recomputes the same numbers; data worker
+    processes hand over the same batches; bf16 runs."""
     from flowie.train.full import FullConfig, FullTrainer
 
     def one_step(**kw) -> dict[str, torch.Tensor]:
@@ -380,7 +381,7 @@ def test_accumulation_and_gradient_checkpointing_train_like_the_plain_step(init_
         return {**trainer.lora_state(), **trainer.flow.controlnet.state_dict()}
 
     plain = one_step()
-    for variant in (one_step(batch=1, accum=2), one_step(grad_checkpointing=True)):
+    for variant in (one_step(batch=1, accum=2), one_step(grad_checkpointing=True), one_step(data_workers=1)):
         for key, value in plain.items():
             torch.testing.assert_close(variant[key], value, atol=2e-5, rtol=0, msg=key)
     bf16 = one_step(bf16=True)

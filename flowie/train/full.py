@@ -71,6 +71,7 @@ class FullConfig:
     val_images: str | None = None  # held-out images for the validation loss and previews
     val_every: int = 0
     val_samples: int = 4
+    data_workers: int = 0  # >0: processes that load and degrade the next micro-batches ahead of the step
     device: str = "cpu"
 
     @property
@@ -81,7 +82,7 @@ class FullConfig:
         """What a resumed run must share (not the step count, paths, device or split over processes)."""
         data = asdict(self)
         for key in ("steps", "out", "checkpoint_dir", "checkpoint_every", "export_every", "log_every", "device",
-                    "val_images", "val_every", "val_samples",
+                    "val_images", "val_every", "val_samples", "data_workers",
                     "batch", "accum", "init", "bf16", "grad_checkpointing"):
             data.pop(key)
         return json.dumps({**data, "global_batch": global_batch, "init_sha256": init_sha}, sort_keys=True)
@@ -138,6 +139,7 @@ class FullTrainer:
         self.global_batch = cfg.batch * cfg.accum * world.size
         self.step = 0
         self._val_data: FullDataset | None = None
+        self._prefetch: tuple[int, object] | None = None  # (next micro-batch index, its iterator)
         self._val_decoder: nn.Module | None = None
 
     # ------------------------------------------------------------------ one step
@@ -157,9 +159,26 @@ class FullTrainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def micro_loss(self, first: int, size: int) -> torch.Tensor:
+    def _first_sample(self, k: int) -> int:
+        """Global index of this process's first sample in micro-batch ``k`` of the run."""
+        return (k * self.world.size + self.world.rank) * self.cfg.batch
+
+    def _micro_batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg.data_workers <= 0:
+            return self.data.batch(self._first_sample(k), self.cfg.batch)
+        if self._prefetch is None or self._prefetch[0] != k:
+            total = self.cfg.steps * self.cfg.accum
+            loader = torch.utils.data.DataLoader(_MicroBatches(self, k, total), batch_size=None, shuffle=False,
+                                                 num_workers=self.cfg.data_workers, prefetch_factor=4,
+                                                 worker_init_fn=_single_thread)
+            self._prefetch = (k, iter(loader))
+        _, batches = self._prefetch
+        self._prefetch = (k + 1, batches)
+        return next(batches)
+
+    def micro_loss(self, first: int, size: int, batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The rectified-flow loss of samples first..first+size-1 (grad flows into LoRA + ControlNet)."""
-        clean, lq = self.data.batch(first, size)
+        clean, lq = batch if batch is not None else self.data.batch(first, size)
         clean, lq = clean.to(self.device), lq.to(self.device)
         with torch.no_grad(), self._autocast():
             restored = self.swinir(lq)
@@ -182,11 +201,10 @@ class FullTrainer:
         total = torch.zeros((), device=self.device)
         for m in range(cfg.accum):
             k = self.step * cfg.accum + m
-            first = (k * world.size + world.rank) * cfg.batch
             last = m == cfg.accum - 1
             sync = self.model.no_sync() if (world.distributed and not last) else contextlib.nullcontext()
             with sync:
-                loss = self.micro_loss(first, cfg.batch) / cfg.accum
+                loss = self.micro_loss(self._first_sample(k), cfg.batch, self._micro_batch(k)) / cfg.accum
                 loss.backward()
             total += loss.detach()
         self.optimizer.step()
@@ -333,6 +351,25 @@ class FullTrainer:
 
         controlnet = {k: v.detach().cpu() for k, v in self.flow.controlnet.state_dict().items()}
         return export_model(self.cfg.init, self.lora_state(), controlnet, out, steps=self.step)
+
+
+class _MicroBatches(torch.utils.data.Dataset):
+    """Micro-batches start..stop-1 of one process; each a pure function of its index, so workers change nothing."""
+
+    def __init__(self, trainer: FullTrainer, start: int, stop: int):
+        self.data, self.start, self.stop = trainer.data, start, stop
+        self.world, self.batch = trainer.world, trainer.cfg.batch
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.start + j
+        return self.data.batch((k * self.world.size + self.world.rank) * self.batch, self.batch)
+
+
+def _single_thread(_worker_id: int) -> None:
+    torch.set_num_threads(1)
 
 
 class _Logger:

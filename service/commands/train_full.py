@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
                          seed=args.seed, bf16=args.bf16, grad_checkpointing=args.grad_checkpointing,
                          checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
                          export_every=args.export_every, log_every=args.log_every, val_images=args.val_images,
-                         val_every=args.val_every, device=args.device)
+                         val_every=args.val_every, data_workers=args.data_workers, device=args.device)
         if cfg.crop % 64 or cfg.crop <= 0:
             raise ValueError(f"--crop must be a positive multiple of 64, got {cfg.crop}")
         if min(cfg.batch, cfg.accum, cfg.steps) <= 0:
