@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--accum", type=int, default=1, help="micro-batches per optimiser step (default 1)")
     group.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes")
     group.add_argument("--grad-checkpointing", action="store_true",
-                       help="recompute block activations in the backward pass (less memory, ~30%% more compute)")
+                       help="recompute block activations in the backward pass (less activation memory, more compute)")
     group.add_argument("--export-every", type=int, default=0,
                        help="also write a model directory OUT/step-NNNNNNN every this many steps (default 0: only at the end)")
     group.add_argument("--log-every", type=int, default=10, help="steps between loss log lines (default 10)")
