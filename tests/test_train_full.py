@@ -448,3 +448,14 @@ def test_swinir_source_may_be_a_flowie_train_stage1_checkpoint(tmp_path, fixture
     learned = {k: v for k, v in official.items() if not k.endswith((".attn_mask", ".relative_position_index"))}
     assert got.keys() == learned.keys() and all(torch.equal(got[k], learned[k]) for k in got)
     assert report.ignored == {"SwinIR attn_mask / relative_position_index buffers (recomputed)": len(official) - len(learned)}
+
+
+def test_train_bench_runs_on_the_cpu_with_a_tiny_config(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "loadtests"))
+    import train_bench
+
+    assert train_bench.main(["--config", str(CONFIG), "--device", "cpu", "--crop", "128", "--batches", "1,2",
+                             "--steps", "1", "--warmup", "0", "--workdir", str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["batches"]) == {"1", "2"} and report["batches"]["2"]["images_per_s"] > 0
+    assert report["schedule"]["gpus"] == 7 and report["schedule"]["gpu_hours"] > 0
