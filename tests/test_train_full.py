@@ -291,9 +291,9 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tmp_path, init_dir, si
     killed_at = _state(out)["step"]
     assert 1 <= killed_at < 3
     assert not (out / "model.json").exists()
-    result = _cli("train", "--arch", "full", "--init", str(init_dir), "--out", str(out), "--batch", "2", *TRAIN_ARGS,
-                  "--resume")
-    assert result.returncode == 0, result.stderr
+    code, log = _main("train", "--arch", "full", "--init", str(init_dir), "--out", str(out), "--batch", "2", *TRAIN_ARGS,
+                      "--resume")
+    assert code == 0, log
     _assert_same_training(_state(out), _state(single_run), atol=0)
 
 
