@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from service.commands import train_full
+
 PHASE_HELP = "swinir, vae, cond_encoder, flow"
 
 
@@ -37,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", default=None, help="batch size: N or per phase, like --steps")
     parser.add_argument("--crop", default=None, help="crop size in pixels (multiple of 64): N or per phase")
     parser.add_argument("--lr", default=None, help="peak learning rate: X or per phase")
-    parser.add_argument("--arch", default="demo", choices=["demo", "tiny"], help="network sizes (tiny: for tests)")
+    parser.add_argument("--arch", default="demo", choices=["demo", "tiny", "full"],
+                        help="network sizes (tiny: for tests; full: the official recipe on a `flowie init` directory)")
     parser.add_argument("--seed", type=int, default=0, help="seeds weights, crops, degradations and noise (default 0)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     parser.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT/checkpoints)")
@@ -66,9 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights-dtype", default="float32", choices=["float32", "float16"],
                         help="dtype of the written safetensors (float16 halves the directory; the demo uses it). "
                              "Training always runs in float32; the loader casts to the serving dtype")
+    train_full.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.arch == "full":
+        return train_full.run(args)
     import sys
     import time
 
