@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from svc_helpers import png
 
+from engines import EngineConfig
 from flowie.params import EnhanceParams
 from service.imaging import INLINE_DECODE_PIXELS, tighten_bomb_guard
 from service.metrics import Metrics
@@ -49,6 +50,9 @@ class Recording:
 
     def shape_probe(self, task, height, width):
         return self.runner.shape_probe(task, height, width)
+
+    def warmup_done(self):
+        self.runner.warmup_done()
 
     def enhance(self, task, images, params, seeds):
         self.batches.append((params.sampler, [image.shape[:2] for image in images], list(seeds)))
@@ -122,7 +126,7 @@ def test_a_batch_is_encoded_on_the_codec_threads_each_job_in_its_own_format(tiny
 
     monkeypatch.setattr(png, "deflate_band", spy(png.deflate_band))  # PNG answers: one band each here
     monkeypatch.setattr(imaging, "encode_image", spy(imaging.encode_image))  # the JPEG one
-    settings = make_settings(max_batch=3, max_wait_ms=300.0, png_compress_level=9, codec_threads=2)
+    settings = make_settings(max_batch=3, max_wait_ms=300.0, engine_overrides="png_compress_level=9,codec_threads=2")
     queue, metrics = MemoryJobQueue(16, 60), Metrics()
     worker = Worker(queue, lambda: tiny_runner, settings, metrics)
     jobs = [make_job(90, 90), make_job(90, 90), make_job(90, 90)]
@@ -490,7 +494,7 @@ def test_on_redis_a_job_cancelled_while_queued_is_never_delivered(redis_server, 
 def test_on_redis_a_lone_job_cancelled_as_its_compute_starts_keeps_the_cancelled_result(
         redis_server, tiny_runner, make_settings, overlap):
     """A lone job's check travels alongside its compute: a cancel of that instant drops the output."""
-    settings = make_settings(max_batch=4, max_wait_ms=LONG_WINDOW_MS, encode_overlap=overlap)
+    settings = make_settings(max_batch=4, max_wait_ms=LONG_WINDOW_MS, engine_overrides=f"encode_overlap={overlap}")
     lone = make_job(90, 90)
     api, queue = cancel_at_begin_pair(redis_server, lone.id)
     worker, runner, metrics = recording_worker(queue, tiny_runner, settings)
@@ -605,7 +609,7 @@ def test_the_worker_warms_up_every_batch_size_before_it_reports_ready(tiny_runne
 
 
 def test_the_warm_up_runs_a_large_image_s_tile_size_up_to_the_tiles_per_call(tiny_runner, make_settings):
-    """On CUDA a tiled image's network calls stack up to FLOWIE_TILE_BATCH tiles: shapes of a batch of
+    """On CUDA a tiled image's network calls stack up to tile_batch tiles: shapes of a batch of
     that many tile-sized images, each new one a cuDNN search and a graph capture. The runner says so
     for the tile size (here 128x128 stands in for it, with 3 rows per call); other sizes stop at
     max_batch."""
@@ -651,7 +655,7 @@ def test_after_the_warm_up_a_compiled_stage_takes_new_image_sizes_without_compil
 
     from service.runner import PipelineRunner
 
-    compiled = PipelineRunner([tiny_model_dir], torch_compile="cond_encoder")
+    compiled = PipelineRunner.load([tiny_model_dir], EngineConfig.for_device("cpu", overrides="compile_stages=cond_encoder"))
     assert compiled.shape_probe("bfr", 128, 128) == (192, 256)
     settings = make_settings(max_batch=2, max_wait_ms=50.0, warmup="128x128")
     queue = MemoryJobQueue(16, 60)
