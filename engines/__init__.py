@@ -102,11 +102,18 @@ def build_pipeline(model_dir: str | Path, config: EngineConfig | None = None,
     stages = stages if stages is not None else build_engines(model_dir, config)
     info = read_model_dir(model_dir)
     log.info("pipeline %s on %s (%s): %s", info.name, config.device, config.backend,
-             ", ".join(f"{s}: {e.describe().get('providers', [config.backend])[0]}" for s, e in stages.items()))
+             ", ".join(f"{s}: {_runs_on(e, config.backend)}" for s, e in stages.items()))
     options = PipelineOptions(tile_batch=config.tile_batch, tile_area=config.tile_area, spill_dir=config.spill_dir,
                               spill_min_bytes=config.spill_min_bytes)
     return Pipeline(info, stages, load_null_context(info), device=config.device, backend=config.backend,
                     options=options)
+
+
+def _runs_on(stage, backend: str) -> str:
+    """What a stage runs on, for the log: its first provider, or the back end (plain callables: "given")."""
+    if not hasattr(stage, "describe"):
+        return "given"
+    return stage.describe().get("providers", [backend])[0]
 
 
 def _plan_meta(plan_dir) -> dict:
