@@ -39,8 +39,7 @@ torch.compile). A size equal to a large image's tiles on CUDA runs up to the til
 on (``FLOWIE_TORCH_COMPILE``) it then runs one more size, whose sides both differ, at batch 1 and 2,
 so that dynamo compiles its graphs for any size now and not when the first odd-sized photo comes
 (``Runner.shape_probe``). Its progress is logged and shown by /readyz; a failing size is logged and
-skipped. Then the runner is told (``Runner.warmup_done``): the CUDA graphs captured so far stay,
-later shapes share a bounded cache.
+skipped. Then ``Runner.warmup_done``: the graphs captured so far stay, later ones share a bounded cache.
 
 Shutdown (``request_stop``, SIGTERM): the batch in progress finishes and is stored; jobs taken
 but not started are handed back to the queue for other workers.
