@@ -139,6 +139,12 @@ class Engine(ABC):
         outputs = self.run(dict(zip(self.spec.input_names, inputs, strict=True)))
         return outputs[self.spec.output_names[0]].float()
 
+    def start_warmup(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """What runs until :meth:`end_warmup` is the warm-up: shapes captured meanwhile stay captured."""
+
+    def end_warmup(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """The warm-up is over: later shapes go to the engine's bounded cache (if it has one)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release sessions, contexts and buffers (optional; garbage collection also does it)."""
 

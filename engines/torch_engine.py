@@ -6,11 +6,13 @@ not what the references were made with). Both speed-ups are off unless asked for
 - ``compile``: ``True`` or a ``torch.compile`` mode ("default", "max-autotune-no-cudagraphs",
   ...). The first call per new shape compiles (seconds to minutes).
 - ``cuda_graphs``: capture one CUDA graph per distinct input-shape set and replay it; the
-  inputs are copied into static buffers and the output is cloned out. Do not combine it
-  with ``compile="reduce-overhead"``, which captures graphs itself.
+  inputs are copied into static buffers and the output is cloned out. The captures are bounded
+  (:class:`engines.captures.CaptureCache`): those made during the warm-up stay, at most
+  ``cuda_graph_cache`` others are kept, least recently used dropped first (0: other shapes run
+  eagerly). Do not combine it with ``compile="reduce-overhead"``, which captures graphs itself.
 - ``cudnn_benchmark``: let cuDNN time its convolution algorithms once per new input shape and
   keep the fastest (``torch.backends.cudnn.benchmark``; a process-wide flag, CUDA only). The
-  first call per shape is slower. The H200 numbers of docs/PERF.md were measured with it on.
+  first call per shape is slower.
 - ``channels_last``: keep the weights, and so the activations, in NHWC memory format. oneDNN's
   CPU convolutions are faster that way (docs/PERF.md, 2-core x86 VM); outputs are returned in the
   usual NCHW layout. The numbers differ from NCHW's only by float32 rounding.
@@ -27,10 +29,10 @@ import torch
 from torch import nn
 
 from engines.base import Engine, EngineError
+from engines.captures import CaptureCache
+from engines.config import COMPILE_MODES, CUDA_GRAPH_CACHE
 from flowie.modeldir import ModelInfo
 from flowie.stages import STAGES, StageSpec
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class TorchEngine(Engine):
@@ -38,7 +40,7 @@ class TorchEngine(Engine):
 
     def __init__(self, module: nn.Module, spec: StageSpec, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, compile: bool | str = False, cuda_graphs: bool = False,
-                 cudnn_benchmark: bool = False, channels_last: bool = False, control_stream: bool = False):
+                 cuda_graph_cache: int = CUDA_GRAPH_CACHE, cudnn_benchmark: bool = False, channels_last: bool = False, control_stream: bool = False):
         self.spec = spec
         self.device = torch.device(device)
         self.precision = dtype
@@ -72,7 +74,7 @@ class TorchEngine(Engine):
         if mode:
             _allow_recompiles()
         self._forward = torch.compile(self.module, mode=mode, dynamic=None) if mode else self.module
-        self._graphs: _GraphCache | None = _GraphCache(self._forward, self.device) if cuda_graphs else None
+        self._graphs = _CudaGraphs(self._forward, self.device, cuda_graph_cache) if cuda_graphs else None
 
     @classmethod
     def from_model(cls, info: ModelInfo, stage: str, device: str | torch.device = "cpu",
@@ -84,7 +86,10 @@ class TorchEngine(Engine):
         return cls(module, STAGES[stage], device=device, dtype=dtype, **options)
 
     def describe(self) -> dict:
-        return {**super().describe(), "compile": self.compile_mode, "cuda_graphs": self._graphs is not None,
+        graphs = {"cuda_graphs": self._graphs is not None}
+        if self._graphs is not None:
+            graphs.update(graphs_kept=len(self._graphs.cache), graphs_captured=self._graphs.cache.captures)
+        return {**super().describe(), "compile": self.compile_mode, **graphs,
                 "cudnn_benchmark": self.cudnn_benchmark, "channels_last": self.channels_last,
                 "control_stream": self.control_stream}
 
@@ -92,10 +97,20 @@ class TorchEngine(Engine):
     def run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         inputs = self.prepare_inputs(feed)
         args = [inputs[name] for name in self.spec.input_names]
-        out = self._graphs(args) if self._graphs is not None else self._forward(*args)
+        out = self._graphs(args) if self._graphs is not None else None
+        if out is None:  # no graphs, or a shape outside the captured set
+            out = self._forward(*args)
         if self.channels_last:
             out = out.contiguous()  # the stage contract's NCHW, for the tiling and colour-fix code after it
         return {self.spec.output_names[0]: out}
+
+    def start_warmup(self) -> None:
+        if self._graphs is not None:
+            self._graphs.cache.start_warmup()
+
+    def end_warmup(self) -> None:
+        if self._graphs is not None:
+            self._graphs.cache.end_warmup()
 
 
 # Compiled graphs dynamo may keep per code object. A worker holds up to four per stage (batch 1 and
@@ -123,22 +138,23 @@ def _compile_mode(option: bool | str) -> str | None:
     return str(option)
 
 
-class _GraphCache:
-    """One captured CUDA graph per input-shape set, sharing one memory pool."""
+class _CudaGraphs:
+    """CUDA graphs by input-shape set, sharing one memory pool, bounded by a CaptureCache."""
 
     WARMUP_RUNS = 2
 
-    def __init__(self, forward, device: torch.device):
+    def __init__(self, forward, device: torch.device, size: int):
         self.forward = forward
         self.device = device
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
+        self.cache: CaptureCache[tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = CaptureCache(size)
 
-    def __call__(self, args: list[torch.Tensor]) -> torch.Tensor:
-        key = tuple((tuple(a.shape), a.dtype) for a in args)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(args)
-        graph, static_in, static_out = self.graphs[key]
+    def __call__(self, args: list[torch.Tensor]) -> torch.Tensor | None:
+        """The graph's output for ``args``, or None when their shapes are outside the captured set."""
+        entry = self.cache.get(tuple((tuple(a.shape), a.dtype) for a in args), lambda: self._capture(args))
+        if entry is None:
+            return None
+        graph, static_in, static_out = entry
         for buffer, value in zip(static_in, args, strict=True):
             buffer.copy_(value)
         graph.replay()

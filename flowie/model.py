@@ -12,6 +12,7 @@ from flowie.modeldir import ModelInfo
 from flowie.nets.flow_unet import FlowUNet, UNetConfig
 from flowie.nets.swinir import SwinIR, SwinIRConfig
 from flowie.nets.vae import CondEncoder, VaeConfig, VaeDecoder
+from flowie.stages import STAGE_NAMES
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -42,7 +43,7 @@ def build_stage(name: str, stage_cfg: dict) -> nn.Module:
 def build_stages(stages_cfg: dict, device: str | torch.device = "cpu") -> dict[str, nn.Module]:
     """All four networks; ``device='meta'`` builds them without allocating memory."""
     with torch.device(device):
-        return {name: build_stage(name, stages_cfg[name]) for name in ("swinir", "cond_encoder", "flow_unet", "vae_decoder")}
+        return {name: build_stage(name, stages_cfg[name]) for name in STAGE_NAMES}
 
 
 def load_stage(info: ModelInfo, name: str, device="cpu", dtype: str | torch.dtype = "float32") -> nn.Module:

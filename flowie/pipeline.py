@@ -12,34 +12,46 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from flowie import imageops, samplers, tiling
 from flowie.colorfix import color_fix_, wavelet_fix_rows
-from flowie.modeldir import ModelInfo, read_model_dir
+from flowie.modeldir import ModelInfo
 from flowie.params import EnhanceParams
 from flowie.progress import report_stage
 from flowie.rowstore import RowStore
+from flowie.stages import STAGE_NAMES
 
 StageFn = Callable[..., torch.Tensor]
-STAGE_ORDER = ("swinir", "cond_encoder", "flow_unet", "vae_decoder")
 # Official tiled inference: 512 px tiles, stride 448. A model may declare its own pixel tiles
-# (model.json tiling.pixel_tile / pixel_stride); these are the defaults and the CPU call-size unit.
+# (model.json tiling.pixel_tile / pixel_stride); these are the defaults.
 PIXEL_TILE, PIXEL_STRIDE = 512, 448
-# Tiles per network call on CUDA (the service's FLOWIE_TILE_BATCH=0). Chosen from the H200's batch
-# scaling of 512x512 work (docs/PERF.md, NVIDIA H200, 2026-11-27): per image, batch 8 ran 1.17x batch 4 end to
-# end; a row of 8 tiles covers images up to about 3,600 pixels wide in one call.
-CUDA_TILE_BATCH = 8
-# On the CPU, tiles per call fill a call up to the area of one official tile (512 x 512 pixels;
-# FLOWIE_TILE_BATCH=0). Official-size tiles stay one per call, as the CPU memory record was
-# measured; a model with smaller tiles stops paying a call's overhead per small tile: the demo's
-# flow UNet, in 128-pixel tiles, ran 4x faster with 16 per call on a 2-core x86 VM (docs/PERF.md, 2026-11-27).
-CPU_TILE_AREA = PIXEL_TILE * PIXEL_TILE
 # Smallest padded side we run: at 64 px the UNet bottom is 1x1, where GroupNorm degenerates.
 MIN_PADDED_SIDE = 128
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How a Pipeline arranges its work on large images (``engines.EngineConfig`` chooses them).
+
+    tile_batch: batch rows (tiles x images) per network call on a tiled image; 1 = one tile at a
+    time, the least memory; 0 = as many tiles as fill ``tile_area`` pixels (at least one).
+    spill_dir: where a streamed run keeps the SwinIR output when it has at least
+    ``spill_min_bytes`` (None = host RAM).
+    """
+
+    tile_batch: int = 1
+    tile_area: int = PIXEL_TILE * PIXEL_TILE
+    spill_dir: str | None = None
+    spill_min_bytes: int = 0
+
+    def tiles_per_call(self, tile_px: int) -> int:
+        """Batch rows per network call for tiles of ``tile_px`` image pixels a side."""
+        if self.tile_batch:
+            return self.tile_batch
+        return max(1, self.tile_area // (tile_px * tile_px))
 
 
 @dataclass
@@ -74,39 +86,20 @@ class StreamedOutput:
 STREAMABLE_COLOR_FIXES = ("wavelet", "none")
 
 
-class TorchStage:
-    """Wrap an eval-mode module: cast inputs to its dtype/device, return float32 outputs."""
-
-    def __init__(self, module: torch.nn.Module, device: torch.device, dtype: torch.dtype):
-        self.module, self.device, self.dtype = module, device, dtype
-
-    @torch.inference_mode()
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        cast = [x.to(self.device, torch.float32 if x.dim() == 1 else self.dtype) for x in inputs]
-        return self.module(*cast).float()
-
-
 class Pipeline:
     """Runs a model directory's stages; see :meth:`enhance`."""
 
     def __init__(self, info: ModelInfo, stages: dict[str, StageFn], null_context: torch.Tensor,
-                 device: str | torch.device = "cpu", backend: str = "torch", spill_dir: str | None = None):
-        missing = [s for s in STAGE_ORDER if s not in stages]
+                 device: str | torch.device = "cpu", backend: str = "torch",
+                 options: PipelineOptions = PipelineOptions()):  # noqa: B008 - frozen, shared safely
+        missing = [s for s in STAGE_NAMES if s not in stages]
         if missing:
             raise ValueError(f"pipeline needs the stages {missing}")
         self.info = info
         self.stages = stages
         self.device = torch.device(device)
         self.backend = backend
-        # Where a streamed run keeps the SwinIR output: None = host RAM, a directory = a spill
-        # file there when the output has at least spill_min_bytes (flowie.rowstore.spill_policy
-        # sets both from a setting). Only tiled single images stream; see run_streamed.
-        self.spill_dir = spill_dir
-        self.spill_min_bytes = 0
-        # Batch rows (tiles x images) of a large image per network call (tiling.tiled_rows): 1 = one
-        # tile at a time, the least memory; more keeps a GPU busy; 0 = by device, see
-        # tiles_per_call (FLOWIE_TILE_BATCH sets it for the service).
-        self.tile_batch = 0
+        self.options = options
         self.null_context = null_context.to(self.device, torch.float32)
         self.sampler_config = dict(info.meta.get("sampler_config", {}))
         tiling_cfg = info.meta.get("tiling", {})
@@ -126,19 +119,10 @@ class Pipeline:
         _check_tiles("latent", self.latent_tile, self.latent_stride)
         _check_tiles("decoder_latent", self.decoder_tile, self.decoder_stride)
 
-    @classmethod
-    def from_model_dir(cls, path: str | Path, device: str = "cpu", dtype: str = "float32",
-                       backend: str = "torch") -> Pipeline:
-        """Eager PyTorch pipeline. Other back ends: ``engines.build_pipeline``."""
-        if backend != "torch":
-            raise ValueError(f"Pipeline.from_model_dir builds the torch back end; use engines.build_pipeline for {backend!r}")
-        from flowie.model import load_null_context, load_stage, parse_dtype
-
-        info = read_model_dir(path)
-        dev = torch.device(device)
-        torch_dtype = parse_dtype(dtype)
-        stages = {name: TorchStage(load_stage(info, name, dev, torch_dtype), dev, torch_dtype) for name in STAGE_ORDER}
-        return cls(info, stages, load_null_context(info), device=dev, backend="torch")
+    def with_options(self, **changes) -> Pipeline:
+        """A pipeline on the same stages with some :class:`PipelineOptions` changed."""
+        return Pipeline(self.info, self.stages, self.null_context, self.device, self.backend,
+                        dataclasses.replace(self.options, **changes))
 
     # ------------------------------------------------------------------ public API
 
@@ -251,7 +235,7 @@ class Pipeline:
         The same algorithm as :meth:`run_batch` on tiles, and the same bits (the tests compare
         them), arranged so that memory stays flat as images grow:
         - SwinIR reads its input one tile row at a time from the uint8 image and writes finished
-          rows to a :class:`RowStore` (host RAM, or a spill file when ``spill_dir`` is set);
+          rows to a :class:`RowStore` (host RAM, or a spill file when ``options.spill_dir`` is set);
         - the cond encoder reads its tile rows back from the store; latents (1/64 of the pixels)
           stay on the device;
         - the decoder hands over each finished band of rows (:func:`tiling.tiled_rows`), the
@@ -269,7 +253,8 @@ class Pipeline:
         if p.color_fix not in STREAMABLE_COLOR_FIXES:
             raise ValueError(f"run_streamed cannot apply the {p.color_fix!r} colour fix; use run_batch")
         timings: dict[str, float] = {}
-        spill = self.spill_dir if self.spill_dir and 12 * h * w >= self.spill_min_bytes else None
+        opts = self.options
+        spill = opts.spill_dir if opts.spill_dir and 12 * h * w >= opts.spill_min_bytes else None
         with RowStore(3, h, w, spill) as restored:
             def swinir() -> None:
                 source = _Uint8Rows(work, self.device)
@@ -400,13 +385,7 @@ class Pipeline:
                 if tiled else fn(z))
 
     def tiles_per_call(self, tile_px: int) -> int:
-        """Batch rows per network call for tiles of ``tile_px`` image pixels a side (``tile_batch``,
-        or by device when it is 0: CUDA_TILE_BATCH on CUDA, up to CPU_TILE_AREA on the CPU)."""
-        if self.tile_batch:
-            return self.tile_batch
-        if self.device.type == "cuda":
-            return CUDA_TILE_BATCH
-        return max(1, CPU_TILE_AREA // (tile_px * tile_px))
+        return self.options.tiles_per_call(tile_px)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -119,31 +118,3 @@ class RowStore:
     def __del__(self) -> None:
         if getattr(self, "_fd", None) is not None:
             self.close()
-
-
-# ``spill_policy("auto", "cpu")`` spills only outputs larger than this: about 1.4 megapixels of
-# work size. Smaller ones are cheap to hold; above it, the memory that stays stays flat as images
-# grow (docs/PERF.md, scaling), and the file costs a write and a read of the output, which is small
-# next to the CPU compute of such an image.
-AUTO_SPILL_MIN_BYTES = 16 * 1024 * 1024
-
-
-def spill_policy(setting: str | None, device: str) -> tuple[str | None, int]:
-    """(spill directory or None, smallest store in bytes that spills) for a spill setting.
-
-    ``"auto"`` (or empty): on the CPU, stores above ``AUTO_SPILL_MIN_BYTES`` go to the system's
-    temporary directory, where the page cache holds them instead of the process (measured: 16 MP
-    peak memory 1.05x that of 4 MP, against 1.29x in RAM; docs/PERF.md); on a GPU they stay in
-    host RAM, which is off the card already. ``"off"``: always RAM. A directory: always there.
-    """
-    value = (setting or "auto").strip()
-    if value.lower() == "off":
-        return None, 0
-    if value.lower() == "auto":
-        if str(device).startswith("cuda"):
-            return None, 0
-        return tempfile.gettempdir(), AUTO_SPILL_MIN_BYTES
-    if not Path(value).is_dir():
-        raise ValueError(f"spill directory {value!r} does not exist: create it (on a disk, not a tmpfs), "
-                         "or use 'auto' or 'off'")
-    return value, 0

@@ -120,18 +120,3 @@ VAE_DECODER = StageSpec(
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in (SWINIR, COND_ENCODER, FLOW_UNET, VAE_DECODER)}
 STAGE_NAMES: tuple[str, ...] = tuple(STAGES)
-
-# The stages worth compiling with torch.compile (FLOWIE_TORCH_COMPILE=on): every one. On an H200
-# (docs/PERF.md, 2026-11-27), all four compiled under the worker's CUDA graphs ran BFR 1.66x faster at
-# batch 16 and 1.80x at batch 1, each stage 1.4-2.9x, for 166-187 s of compile per batch-shape family
-# (16 host cores). SwinIR, whose compile takes 90 s of that, ran 2.0x faster: 11 % of a
-# compiled batch of 16.
-COMPILE_ON_STAGES: tuple[str, ...] = (SWINIR.name, COND_ENCODER.name, FLOW_UNET.name, VAE_DECODER.name)
-
-# The stages the torch back end runs in channels-last (NHWC) memory format on the CPU
-# (FLOWIE_CHANNELS_LAST=auto). On the project's 2-core x86 VM (docs/PERF.md, 2026-11-27) oneDNN's
-# NHWC convolutions ran SwinIR 1.2-1.4x, the cond encoder 1.1-1.35x and the VAE decoder
-# 1.1-1.3x faster than NCHW, on the demo, the tiny reference model and the full-size networks;
-# the flow UNet gained nothing on the demo and tiny models (0.95-1.06x; the full-size one was not timed).
-# On CUDA nothing is: channels_last cost 12 % at batch 16 with fp16 on an NVIDIA H200 (2026-11-27).
-CHANNELS_LAST_CPU_STAGES: tuple[str, ...] = (SWINIR.name, COND_ENCODER.name, VAE_DECODER.name)

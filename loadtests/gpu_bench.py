@@ -1091,11 +1091,12 @@ class Bench:
         CPU, to check the path). Memory is ``max_memory_allocated`` above what was allocated before
         the call (weights and the input), per size and path.
         """
+        from engines.config import CUDA_TILE_BATCH
         from flowie import imageops
         from flowie.convert import model_meta
         from flowie.modeldir import ModelInfo
         from flowie.params import EnhanceParams
-        from flowie.pipeline import CUDA_TILE_BATCH, Pipeline
+        from flowie.pipeline import Pipeline
 
         a = self.args
         mods = self.modules_for(dtype, False)
@@ -1122,10 +1123,10 @@ class Bench:
         paths = {"streamed": (1, "streamed"), f"streamed_tiles{tiles_per_call}": (tiles_per_call, "streamed"),
                  "batch": (1, "batch")}
         rec["tile_batches"] = {name: n for name, (n, _) in paths.items()}
+        pipes = {n: pipe.with_options(tile_batch=n) for n in (1, tiles_per_call)}
         for n in (1, tiles_per_call):
-            pipe.tile_batch = n
-            pipe.run_streamed(warm, params, seed=0)
-        pipe.tile_batch = 1
+            pipes[n].run_streamed(warm, params, seed=0)
+        pipe = pipes[1]
         pipe.run_batch(imageops.images_to_tensor([warm], self.device), params, seeds=[0])
         # Then every row count a tiled call can hold, at the tile size, as the worker's warm-up does
         # (Runner.tile_rows): session 10 timed cuDNN's search for 5 tiles per call into the 4 MP row
@@ -1144,7 +1145,7 @@ class Bench:
                 if self.remaining() < 20:
                     row[path] = {"skipped": "budget"}
                     continue
-                pipe.tile_batch = tile_batch
+                pipe = pipes[tile_batch]
                 if self.cuda:
                     torch.cuda.synchronize(self.device)
                     torch.cuda.empty_cache()
@@ -1204,13 +1205,14 @@ class Bench:
         """
         from concurrent.futures import ThreadPoolExecutor
 
+        from engines.config import EngineConfig
         from engines.torch_engine import TorchEngine
         from flowie.convert import model_meta
         from flowie.modeldir import ModelInfo
         from flowie.params import EnhanceParams
         from flowie.pipeline import Pipeline
         from flowie.stages import STAGES as SPECS
-        from service.imaging import DEFAULT_PNG_COMPRESS_LEVEL, default_codec_threads, submit_encode
+        from service.imaging import DEFAULT_PNG_COMPRESS_LEVEL, submit_encode
 
         a = self.args
         mods = self.modules_for(dtype, False)
@@ -1233,7 +1235,7 @@ class Bench:
                      "bsr": EnhanceParams(sampler="one_step", **common)}
         gen = torch.Generator(device="cpu").manual_seed(a.seed + 3)
         image = (torch.rand(a.size, a.size, 3, generator=gen) * 255).round().to(torch.uint8).numpy()
-        rec["codec_threads"] = default_codec_threads()
+        rec["codec_threads"] = EngineConfig.for_device(str(self.device)).codec_threads
         codec = ThreadPoolExecutor(max_workers=rec["codec_threads"])
         rec["png_compress_level"] = DEFAULT_PNG_COMPRESS_LEVEL
         try:
@@ -1333,10 +1335,12 @@ class Bench:
         if isinstance(wb, str):
             log(f"service worker: skipped ({wb})")
             return {"status": "skipped", "reason": wb}
+        from engines.config import EngineConfig
         from service.imaging import encode_image
         from service.runner import PipelineRunner
 
-        runner, png = PipelineRunner.from_pipelines({"bfr": pipe}, str(self.device)), encode_image(image, "png")
+        runner = PipelineRunner({"bfr": pipe}, EngineConfig.for_device(str(self.device)))
+        png = encode_image(image, "png")
         out: dict[str, Any] = {}
         for b in sorted({min(self.args.batch_sizes), max(self.args.batch_sizes)}):
             if self.remaining() < 30:
@@ -1363,10 +1367,11 @@ class Bench:
 
         from torch._dynamo.utils import counters
 
+        from engines.config import EngineConfig
         from engines.torch_engine import TorchEngine
         from flowie.convert import model_meta
         from flowie.modeldir import ModelInfo
-        from flowie.pipeline import Pipeline
+        from flowie.pipeline import Pipeline, PipelineOptions
         from flowie.stages import STAGES as SPECS
 
         wb = _worker_bench()
@@ -1385,16 +1390,16 @@ class Bench:
                                  cuda_graphs=self.cuda, cudnn_benchmark=self.cuda,
                                  control_stream=self.cuda and n == "flow_unet") for n in STAGES}
         meta = model_meta(self.spec, tuple(self.null_context[:1].shape), {"name": "gpu-bench random weights"})
-        pipe = Pipeline(ModelInfo(path=self.out_dir, meta=meta), stages, self.null_context[:1], device=self.device)
-        pipe.tile_batch = 2 if a.tiny else 0  # the CUDA default (8 tiles per call); a tiny run keeps it short
-        runner = PipelineRunner.from_pipelines({"bfr": pipe}, str(self.device))
+        # The CUDA default of tiles per call (8); a tiny run keeps it short.
+        pipe = Pipeline(ModelInfo(path=self.out_dir, meta=meta), stages, self.null_context[:1], device=self.device,
+                        options=PipelineOptions(tile_batch=2 if a.tiny else 8))
+        runner = PipelineRunner({"bfr": pipe}, EngineConfig.for_device(str(self.device)))
         size = a.size
         probe = runner.shape_probe("bfr", size, size)
         rec.update(dtype=str(dtype).replace("torch.", ""), compiled=list(a.probe_stages), size=size,
                    probe=list(probe) if probe else None, phases=[])
         self.data[rec["name"]] = rec
-        settings = load_settings(max_batch=2, max_wait_ms=200.0, warmup=f"{size}x{size}", device=str(self.device),
-                                 codec_threads=0)
+        settings = load_settings(max_batch=2, max_wait_ms=200.0, warmup=f"{size}x{size}", device=str(self.device))
         queue = MemoryJobQueue(16, 3600)
         worker = Worker(queue, lambda: runner, settings, Metrics())
         gen = torch.Generator(device="cpu").manual_seed(a.seed + 5)
@@ -1972,9 +1977,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _compile_stage_list(value: str) -> list[str]:
     """Stages named as FLOWIE_TORCH_COMPILE names them (on, all or a comma list), without the service's
     settings module: this script runs where pydantic may be missing."""
-    from flowie.stages import COMPILE_ON_STAGES, STAGE_NAMES
+    from flowie.stages import STAGE_NAMES
 
-    stages = {"on": COMPILE_ON_STAGES, "all": STAGE_NAMES}.get(value.strip().lower()) or tuple(
+    stages = {"on": STAGE_NAMES, "all": STAGE_NAMES}.get(value.strip().lower()) or tuple(
         s.strip() for s in value.split(",") if s.strip())
     unknown = [s for s in stages if s not in STAGE_NAMES]
     if unknown or not stages:

@@ -161,16 +161,18 @@ def _null_stages(info):
     return {"swinir": swinir, "cond_encoder": cond_encoder, "flow_unet": flow_unet, "vae_decoder": vae_decoder}
 
 
-def build_pipeline(model: str, mode: str, device: str, dtype: str):
-    from flowie.pipeline import Pipeline
+def build_pipeline(model: str, mode: str, device: str, dtype: str, spill_dir: str | None = None):
+    """The served pipeline (``engines.build_pipeline``); mode "null": its stages replaced by the
+    zero-output stand-ins above, every other choice as served."""
+    import engines
+    from engines import EngineConfig
 
+    config = EngineConfig.for_device(device, dtype=dtype, spill_dir=spill_dir or "off")
     if mode == "real":
-        return Pipeline.from_model_dir(model, device=device, dtype=dtype)
-    from flowie.model import load_null_context
+        return engines.build_pipeline(model, config)
     from flowie.modeldir import read_model_dir
 
-    info = read_model_dir(model)
-    return Pipeline(info, _null_stages(info), load_null_context(info), device=device)
+    return engines.build_pipeline(model, config, stages=_null_stages(read_model_dir(model)))
 
 
 def run_child(args) -> dict:
@@ -184,17 +186,13 @@ def run_child(args) -> dict:
     mem = CudaMemory(device) if device.type == "cuda" else CpuMemory()
     rss_start = mem.current()
     t0 = time.perf_counter()
-    pipe = build_pipeline(args.model, args.mode, args.device, args.dtype)
+    pipe = build_pipeline(args.model, args.mode, args.device, args.dtype, args.spill_dir)
     load_s = time.perf_counter() - t0
     params = EnhanceParams(sampler=args.sampler, tile="on", color_fix=args.color_fix)
     resolved = pipe.resolve(params)
 
     warmup_s = None
     streamed = args.path == "streamed"
-    if args.spill_dir:
-        from flowie.rowstore import spill_policy
-
-        pipe.spill_dir, pipe.spill_min_bytes = spill_policy(args.spill_dir, args.device)
     if args.warmup:
         # One tile-sized image: the same tile shapes as the measured run, untiled; pays lazy
         # initialisation and kernel selection once so every size has the same fixed cost.
@@ -560,7 +558,7 @@ def parse_args(argv=None):
                     help="CPU, glibc: set MALLOC_MMAP_THRESHOLD_ (bytes, e.g. 131072) in the children so RSS "
                          "tracks live memory (less allocator noise; slower, for memory-only runs)")
     ap.add_argument("--host-malloc", choices=["auto", "on", "off"], default="auto",
-                    help="the children's host memory, as the service's FLOWIE_HOST_MALLOC (default auto: on for the "
+                    help="the children's host memory, as the engine configuration's host_malloc (default auto: on for the "
                          "CPU, as `flowie serve` runs it; off with --malloc-mmap-threshold, which it would override)")
     ap.add_argument("--child-timeout", type=float, default=None, help="seconds per child process")
     ap.add_argument("--out", type=Path, default=Path("scaling-out"))
@@ -583,9 +581,12 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
+        from engines import EngineConfig
         from service import hostmem
 
-        hostmem.apply(args.host_malloc, args.device)  # first: as the service does before its threads start
+        served = EngineConfig.for_device(args.device).host_malloc
+        # first: as the service does before its threads start
+        hostmem.apply(args.host_malloc == "on" or (args.host_malloc == "auto" and served))
         result = run_child(args)
         args.result.write_text(json.dumps(result))
         return 0

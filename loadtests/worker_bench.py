@@ -2,7 +2,7 @@
 """Worker throughput with its answers encoded while the next batch computes, or before it.
 
 The worker encodes every answer (PNG by default) on the CPU. On a GPU host that CPU time, tens of
-ms for a 512 x 512 image, would add to every batch; with ``FLOWIE_ENCODE_OVERLAP`` on, a batch's
+ms for a 512 x 512 image, would add to every batch; with ``encode_overlap`` on, a batch's
 answers are encoded and stored while the next batch computes. This runs the real `Worker` on the
 real in-memory queue with a backlog of ``--jobs`` 512 x 512 photos, once per setting, in the same
 process and minutes, and prints images per second and the ratio.
@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from flowie.params import EnhanceParams  # noqa: E402
-from service.imaging import default_codec_threads, encode_image  # noqa: E402
+from service.imaging import encode_image  # noqa: E402
 from service.metrics import Metrics  # noqa: E402
 from service.queue.base import Job  # noqa: E402
 from service.queue.memory import MemoryJobQueue  # noqa: E402
@@ -99,6 +99,9 @@ class StandInRunner:
     def shape_probe(self, task: str, height: int, width: int) -> tuple[int, int] | None:
         return None
 
+    def warmup_done(self) -> None:
+        pass
+
 
 def make_runner(compute: str, batch: int) -> Any:
     if compute == "h200":
@@ -110,7 +113,7 @@ def make_runner(compute: str, batch: int) -> Any:
     if compute.startswith("tiny:"):
         from service.runner import PipelineRunner
 
-        return PipelineRunner([Path(compute.removeprefix("tiny:"))])
+        return PipelineRunner.load([Path(compute.removeprefix("tiny:"))])
     raise SystemExit(f"--compute: h200, wait:MS or tiny:DIR, not {compute!r}")
 
 
@@ -131,9 +134,9 @@ def run_once(runner: Any, overlap: bool, args: argparse.Namespace, pixels: np.nd
              params: EnhanceParams | None = None) -> dict[str, Any]:
     """One backlog of ``args.jobs`` jobs through a fresh worker (``args.batch``, ``args.codec_threads``):
     seconds from start to the last answer stored."""
+    threads = f",codec_threads={args.codec_threads}" if args.codec_threads else ""
     settings = load_settings(max_batch=args.batch, max_wait_ms=0.0, batch_lookahead=args.batch,
-                             codec_threads=args.codec_threads,
-                             encode_overlap="on" if overlap else "off")
+                             engine_overrides=f"encode_overlap={'on' if overlap else 'off'}{threads}")
     queue = MemoryJobQueue(args.jobs + 1, 3600)
     worker = Worker(queue, lambda: runner, settings, Metrics())
     jobs = make_jobs(args.jobs, pixels, png, params, getattr(args, "decode", False))
@@ -190,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             "images_per_s": float(np.median([r["images_per_s"] for r in mine])),
             "median_encode_ms_per_batch": float(np.median([r["median_encode_ms_per_batch"] for r in mine]))}
     ratio = summary["on"]["images_per_s"] / summary["off"]["images_per_s"]
-    threads = args.codec_threads or default_codec_threads()
+    threads = args.codec_threads or load_settings().engine_config().codec_threads
     print(f"\n{args.jobs} jobs of {args.size}x{args.size}, batch {args.batch}, compute {args.compute}, "
           f"{threads} codec threads, uploads {'decoded by the worker' if args.decode else 'as pixels'}")
     print("| encode_overlap | img/s | encode ms per batch |\n|---|---|---|")

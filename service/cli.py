@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("service.commands.worker", "GPU/CPU worker: takes jobs from Redis, batches, runs the model"),
 }
 
-# Commands that run networks in this process and read FLOWIE_HOST_MALLOC from the environment.
+# Commands that run networks in this process and take --engine-overrides (FLOWIE_ENGINE_OVERRIDES).
 HOST_MEMORY_COMMANDS = ("enhance", "eval", "bench")
 
 
@@ -53,11 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    if args.command in HOST_MEMORY_COMMANDS:  # serve and worker apply FLOWIE_HOST_MALLOC with their settings
+    if args.command in HOST_MEMORY_COMMANDS:  # serve and worker apply host_malloc with their settings
+        from engines.config import EngineConfig
         from service import hostmem
 
-        try:
-            done = hostmem.apply(None, getattr(args, "device", "cpu"))
+        try:  # before any thread starts: glibc fixes its arenas when a second thread first allocates
+            config = EngineConfig.for_device(getattr(args, "device", "cpu"), overrides=args.engine_overrides)
+            done = hostmem.apply(config.host_malloc)
         except ValueError as exc:
             sys.stderr.write(f"flowie {args.command}: {exc}\n")
             return 2

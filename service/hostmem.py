@@ -1,4 +1,4 @@
-"""Host memory of CPU inference: keep freed tensor memory in the process (FLOWIE_HOST_MALLOC).
+"""Host memory of CPU inference: keep freed tensor memory in the process (``EngineConfig.host_malloc``).
 
 glibc's malloc serves large blocks (the activations of a network, tens to hundreds of MiB) with
 fresh ``mmap`` pages and unmaps them when they are freed; blocks of a thread other than the main
@@ -7,7 +7,7 @@ touches new pages, and the kernel zero-fills each on its first touch: on the pro
 a demo image took 1.2-1.6 million page faults and 2-3.5 s of system time (docs/PERF.md, "Host
 memory").
 
-With the setting on, before any thread or network exists, this process asks glibc (``mallopt``)
+With it on (the engine configuration's default on the CPU), before any thread or network exists, this process asks glibc (``mallopt``)
 for one arena, large blocks from the heap instead of ``mmap``, and no trimming of the heap's top:
 freed blocks are reused without faults. Peak memory is what the computation needs either way; the
 difference is that the memory stays with the process after the peak instead of going back to the
@@ -17,7 +17,6 @@ kernel. Other C libraries (musl, macOS) are left alone.
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
 
 # <malloc.h> mallopt parameters.
@@ -26,18 +25,6 @@ M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 # mallopt takes a C int: 2 GiB - 1 is its largest value. Blocks above it still get their own mapping.
 LARGEST = 2**31 - 1
-
-CHOICES = ("auto", "on", "off")
-
-
-def wanted(setting: str, device: str | None) -> bool:
-    """auto: on for a process that computes on the CPU (measured there); on / off: as said."""
-    if setting not in CHOICES:
-        raise ValueError(f"FLOWIE_HOST_MALLOC must be one of {', '.join(CHOICES)}, got {setting!r}")
-    if setting == "auto":
-        return (device or "cpu").split(":")[0] == "cpu"
-    return setting == "on"
-
 
 def keep_freed_memory() -> str:
     """Apply the glibc settings to this process; returns what was done (for the log).
@@ -57,10 +44,8 @@ def keep_freed_memory() -> str:
     return "kept in the process (glibc: one arena, heap blocks up to 2 GiB, no trimming)"
 
 
-def apply(setting: str | None, device: str | None) -> str:
-    """FLOWIE_HOST_MALLOC (``setting``; None reads the environment, default auto) for a process
-    computing on ``device``; returns what was done."""
-    setting = (setting or os.environ.get("FLOWIE_HOST_MALLOC") or "auto").strip().lower()
-    if not wanted(setting, device):
-        return f"left to the C library (FLOWIE_HOST_MALLOC={setting}, device {device or 'cpu'})"
+def apply(keep: bool) -> str:
+    """Keep freed memory in the process when ``keep`` (``EngineConfig.host_malloc``); returns what was done."""
+    if not keep:
+        return "left to the C library (host_malloc=off)"
     return keep_freed_memory()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import warnings
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
@@ -26,16 +25,15 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from engines.config import PNG_COMPRESS_LEVEL
 from service import png
 
 # Pillow plugin names we let Image.open try; nothing else is ever parsed.
 PILLOW_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 OUTPUT_FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 DEFAULT_QUALITY = {"png": None, "jpeg": 95, "webp": 90}
-# zlib level of PNG outputs (lossless at every level: only time and size change). Measured on a
-# 512 x 512 photo (docs/PERF.md, "Encoding the answer", "PNG answers in bands"): level 1 takes 0.29x
-# level 6's time for 4 % more bytes, and the encode is on the path of every answer.
-DEFAULT_PNG_COMPRESS_LEVEL = 1
+# zlib level of PNG outputs: the engine configuration's default (lossless at every level).
+DEFAULT_PNG_COMPRESS_LEVEL = PNG_COMPRESS_LEVEL
 # Smallest padded work side the networks accept: the latent (1/8 of the image) is halved three
 # times in the UNet, and its GroupNorms fail on a 1 x 1 map (a 64 px side). Measured with the
 # tiny reference model; full-size models have the same depth.
@@ -202,11 +200,6 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return np.ascontiguousarray(np.asarray(Image.alpha_composite(white, rgba).convert("RGB")))
     return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
-
-
-def default_codec_threads() -> int:
-    """Threads a worker encodes and decodes a batch's images with unless FLOWIE_CODEC_THREADS says."""
-    return min(8, os.cpu_count() or 1)
 
 
 def encode_image(rgb: np.ndarray, fmt: str, quality: int | None = None,

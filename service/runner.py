@@ -12,9 +12,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from engines.config import EngineConfig
 from flowie.params import EnhanceParams
 from flowie.progress import report_step
-from service.settings import channels_last_option, torch_compile_stages
 
 log = logging.getLogger("flowie.service.runner")
 
@@ -47,55 +47,40 @@ class Runner(Protocol):
         """A second work size to warm up after (height, width) when the task's networks are compiled
         for the sizes they see (torch.compile), so that other image sizes need no compile; else None."""
 
+    def warmup_done(self) -> None:
+        """The warm-up is over: what it captured stays, later shapes go to bounded caches."""
+
 
 class PipelineRunner:
-    """Loads every model directory on ``device``; one model per task."""
+    """One pipeline per task, all on ``config.device``; :meth:`load` builds them from model directories."""
 
-    def __init__(self, model_dirs: list[Path], *, device: str = "cpu", dtype: str = "auto",
-                 backend: str = "torch", cuda_graphs: bool = True, torch_compile: str = "off",
-                 cudnn_benchmark: bool = True, channels_last: str = "auto", spill_dir: str = "auto",
-                 tile_batch: int = 0, control_stream: bool = True) -> None:
-        from engines import build_pipeline  # torch: the worker side only
-        from flowie.rowstore import spill_policy
-
-        try:
-            spill_to, spill_min_bytes = spill_policy(spill_dir, device)
-        except ValueError as exc:
-            raise ValueError(f"FLOWIE_SPILL_DIR: {exc}") from None
-        self.device = device
-        on_cuda = device.startswith("cuda")
-        # Engine settings chosen by the H200 benchmark (docs/PERF.md): fp16, CUDA graphs on CUDA.
-        if dtype == "auto":
-            dtype = "float16" if on_cuda and backend == "torch" else "float32"
-        options: dict[str, Any] = {}
-        if backend == "torch":
-            compiled = torch_compile_stages(torch_compile)  # FLOWIE_TORCH_COMPILE
-            options = {"cuda_graphs": bool(cuda_graphs and on_cuda), "compile": bool(compiled),
-                       "compile_stages": compiled or None, "cudnn_benchmark": bool(cudnn_benchmark and on_cuda),
-                       "channels_last": channels_last_option(channels_last),  # FLOWIE_CHANNELS_LAST
-                       "control_stream": bool(control_stream and on_cuda)}  # FLOWIE_CONTROL_STREAM
-        self.pipelines: dict[str, Any] = {}
-        for model_dir in model_dirs:
-            # torch modules, onnxruntime sessions or TensorRT plans (`flowie export` / `build-engines`)
-            pipe = build_pipeline(model_dir, backend=backend, device=device, dtype=dtype, **options)
-            pipe.spill_dir, pipe.spill_min_bytes = spill_to, spill_min_bytes  # where a large image's SwinIR output waits
-            pipe.tile_batch = tile_batch  # FLOWIE_TILE_BATCH; 0 = by device (Pipeline.tiles_per_call)
-            task = pipe.info.task
-            if task in self.pipelines:
-                raise ValueError(f"two model directories serve task {task!r}: "
-                                 f"{self.pipelines[task].info.path} and {model_dir}; pass one per task")
-            self.pipelines[task] = pipe
-            log.info("model loaded", extra={"task": task, "model": pipe.info.name, "device": device,
-                                            "backend": pipe.backend})
-        self.backend = next(iter(self.pipelines.values())).backend if self.pipelines else backend
+    def __init__(self, pipelines: dict[str, Any], config: EngineConfig) -> None:
+        self.pipelines = dict(pipelines)
+        self.config = config
+        self.device = config.device
+        self.backend = config.backend
+        for pipe in self.pipelines.values():
+            for engine in pipe.stages.values():
+                engine.start_warmup()  # until warmup_done: the shapes a worker warms up stay captured
 
     @classmethod
-    def from_pipelines(cls, pipelines: dict[str, Any], device: str) -> PipelineRunner:
-        """A runner around pipelines already built, one per task (a benchmark's engines)."""
-        runner = cls.__new__(cls)
-        runner.device, runner.pipelines = device, dict(pipelines)
-        runner.backend = next(iter(runner.pipelines.values())).backend
-        return runner
+    def load(cls, model_dirs: list[Path], config: EngineConfig | None = None) -> PipelineRunner:
+        """Build every model directory's pipeline with ``engines.build_pipeline``; one model per task."""
+        from engines import build_pipeline  # torch: the worker side only
+
+        config = config or EngineConfig.for_device("cpu")
+        pipelines: dict[str, Any] = {}
+        for model_dir in model_dirs:
+            # torch modules, onnxruntime sessions or TensorRT plans (`flowie export` / `build-engines`)
+            pipe = build_pipeline(model_dir, config)
+            task = pipe.info.task
+            if task in pipelines:
+                raise ValueError(f"two model directories serve task {task!r}: "
+                                 f"{pipelines[task].info.path} and {model_dir}; pass one per task")
+            pipelines[task] = pipe
+            log.info("model loaded", extra={"task": task, "model": pipe.info.name, "device": config.device,
+                                            "backend": pipe.backend})
+        return cls(pipelines, config)
 
     @property
     def tasks(self) -> list[str]:
@@ -123,7 +108,7 @@ class PipelineRunner:
         pipe = self.pipelines[task]
         tile = pipe.pixel_tile
         same_area = pipe.latent_tile * 8 == pipe.decoder_tile * 8 == tile
-        if not self.device.startswith("cuda") or not same_area or (height, width) != (tile, tile):
+        if not self.config.on_cuda or not same_area or (height, width) != (tile, tile):
             return 0
         return int(pipe.tiles_per_call(tile))
 
@@ -145,8 +130,13 @@ class PipelineRunner:
             return None
         return probe
 
+    def warmup_done(self) -> None:
+        for pipe in self.pipelines.values():
+            for engine in pipe.stages.values():
+                engine.end_warmup()
+
     def memory_bytes(self) -> dict[str, int]:
-        if not self.device.startswith("cuda"):
+        if not self.config.on_cuda:
             return {}
         import torch
 

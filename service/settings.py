@@ -10,12 +10,14 @@ Light module: pydantic only (the `flowie` parser imports it to build the flags).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:  # pragma: no cover
+    from engines.config import EngineConfig
 
 ENV_PREFIX = "FLOWIE_"
 MIN_PRODUCTION_KEY_CHARS = 16
@@ -51,53 +53,7 @@ def warmup_sizes(value: str) -> list[tuple[int, int]]:
     return sizes
 
 
-_COMPILE_OFF = ("off", "false", "0", "no", "")
-_COMPILE_ON = ("on", "true", "1", "yes")
-
-
-def _stage_list(variable: str, value: str, on: tuple[str, ...], words: str = "off, on, all") -> tuple[str, ...]:
-    """off | on (= ``on``) | all | a comma list of stages -> the stages; ValueError saying what is wrong."""
-    from flowie.stages import STAGES  # light: no torch
-
-    value = value.strip().lower()
-    if value in _COMPILE_OFF:
-        return ()
-    if value in _COMPILE_ON:
-        return on
-    if value == "all":
-        return tuple(STAGES)
-    stages = tuple(part.strip() for part in value.split(",") if part.strip())
-    unknown = [name for name in stages if name not in STAGES]
-    if unknown or not stages:
-        raise ValueError(f"{variable}: {', '.join(unknown) or repr(value)} is not a stage; use {words} "
-                         f"or a comma list of {', '.join(STAGES)}")
-    return stages
-
-
-def torch_compile_stages(value: str) -> tuple[str, ...]:
-    """FLOWIE_TORCH_COMPILE -> the stages to compile (empty: none); ValueError saying what is wrong."""
-    from flowie.stages import COMPILE_ON_STAGES
-
-    return _stage_list("FLOWIE_TORCH_COMPILE", value, COMPILE_ON_STAGES)
-
-
-def channels_last_option(value: str) -> str | tuple[str, ...]:
-    """FLOWIE_CHANNELS_LAST -> the torch engines' ``channels_last`` option: "auto" (by device) or the
-    stages kept in NHWC memory format; ValueError saying what is wrong."""
-    from flowie.stages import CHANNELS_LAST_CPU_STAGES
-
-    if value.strip().lower() == "auto":
-        return "auto"
-    return _stage_list("FLOWIE_CHANNELS_LAST", value, CHANNELS_LAST_CPU_STAGES, words="auto, off, on, all")
-
-
-def _normalised_stage_setting(value: Any, parse: Callable[[str], object]) -> str:
-    """A stage-list setting's text, checked by ``parse``, with its on/off spellings made canonical."""
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    value = str(value).strip().lower()
-    parse(value)  # raises with what is wrong
-    return "off" if value in _COMPILE_OFF else "on" if value in _COMPILE_ON else value
+_COMPILE_ALL = ("all", "on")  # FLOWIE_TORCH_COMPILE=all, as before it became on/off
 
 
 class Settings(BaseSettings):
@@ -177,111 +133,38 @@ class Settings(BaseSettings):
     # --- worker ---------------------------------------------------------------------
     device: str = Field("cpu", description="torch device of the worker: cpu or cuda:N (one worker per GPU)")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto",
-        description="compute precision; auto = float16 on CUDA (measured: same speed as bf16, 66.6 dB vs fp32 "
-        "against bf16's 48.6 dB; docs/PERF.md), float32 on the CPU",
+        "auto", description="compute precision; auto = float16 for the torch back end on CUDA, float32 otherwise",
     )
-    backend: Literal["torch", "onnx", "tensorrt"] = Field("torch", description="inference back end")
-    cuda_graphs: bool = Field(
-        True,
-        description="torch back end on CUDA: replay every stage as a CUDA graph per input shape "
-        "(2.2x faster at batch 1 on an H200, no loss at 16; docs/PERF.md)",
+    backend: Literal["torch", "onnx", "tensorrt"] = Field(
+        "torch", description="inference back end (onnx and tensorrt need `flowie export` / `flowie build-engines`)",
     )
-    cudnn_benchmark: bool = Field(
-        True,
-        description="torch back end on CUDA: cuDNN times its convolution algorithms once per new input shape and "
-        "keeps the fastest (the first batch of each shape is slower); the H200 numbers of docs/PERF.md were "
-        "measured with it on",
-    )
-    torch_compile: str = Field(
-        "off",
-        description="torch back end: torch.compile stages, for long-lived GPU workers (the warm-up pays the compile): "
-        "off; on (= all) = every stage: on an H200, compiled under the worker's CUDA graphs, BFR ran 1.66x eager's "
-        "images/s at batch 16 (40.3 img/s) and 1.80x at batch 1 (52 ms), for 166-187 s of compile per batch-shape "
-        "family on 16 cores (docs/PERF.md); or a comma list of swinir, cond_encoder, flow_unet, vae_decoder",
-    )
-    channels_last: str = Field(
-        "auto",
-        description="torch back end: stages whose weights and activations are kept in channels-last (NHWC) memory "
-        "format: auto = on the CPU SwinIR, the cond encoder and the VAE decoder (oneDNN's NHWC convolutions ran them "
-        "1.1-1.4x faster on 2 cores; docs/PERF.md), on CUDA none (12% slower with fp16 on an H200); "
-        "off; on = those three stages on any device; all; or a comma list of stages",
-    )
-    control_stream: bool = Field(
-        True,
-        description="torch back end on CUDA: the flow UNet runs FlowIE's ControlNet on a second CUDA stream while "
-        "the UNet's down path, which does not need its residuals, runs on the first (same operations, same numbers; "
-        "an H200 with CUDA graphs: BFR 1.08x at batch 1, DiffBIR-style 50 steps 1.13x, the same at batch 16; "
-        "docs/PERF.md); inert on the CPU and where the flow UNet is compiled",
-    )
-    host_malloc: Literal["auto", "on", "off"] = Field(
-        "auto",
-        description="host memory of the process that computes: auto = on when it computes on the CPU: one glibc arena, "
-        "large blocks from the heap instead of fresh mmap pages, freed memory kept for reuse, so each stage "
-        "of each image does not page-fault its activations in again (the demo on 2 cores: 1.18-1.29x per "
-        "request, 1.6x at 16 MP; system time 3.5 s -> 0.1 s per 1024x1024 image; whole-process peak -13% to "
-        "+11%; docs/PERF.md, Host memory); the memory stays with the process after a peak instead of going "
-        "back to the kernel; off = the C library's defaults; on = also on a GPU worker (not measured there). "
-        "glibc only; applied by serve and worker before their threads start, and read from the environment by "
-        "enhance, eval and bench",
-    )
-    tile_batch: int = Field(
-        0, ge=0, le=64,
-        description="tiles of a large (tiled) image that go through a network in one call, stacked on the batch axis "
-        "(times the images of the batch): 0 = auto, 8 on CUDA (a tile at batch 1 leaves a GPU mostly idle: the H200 ran "
-        "the flow UNet 2.4x faster per image at batch 4 than at 1) and on the CPU as many as fill one 512x512-pixel "
-        "tile's area (1 for official-size tiles; 16 for the demo's 128-pixel UNet tiles, which made its flow UNet 4x "
-        "faster on 2 cores); working memory grows with it, not with the image",
+    torch_compile: bool = Field(
+        False,
+        description="torch back end: run every stage through torch.compile, for long-lived GPU workers "
+        "(the warm-up pays minutes of compile)",
     )
     spill_dir: str = Field(
         "auto",
-        description="where the worker keeps the SwinIR output of a large (tiled) image while the flow and the "
-        "decoder run: auto = on the CPU, outputs over 16 MiB (about 1.4 MP of work size) go to an unlinked file in the "
-        "system temp directory, on a GPU host RAM; off = RAM; or a directory (on a disk, not a tmpfs). "
-        "Results are the same bits either way (docs/PERF.md, scaling)",
+        description="where the worker keeps a large image's SwinIR output while the flow runs: auto (a temp file "
+        "on the CPU for large outputs, RAM on a GPU), off (RAM) or a directory on a disk",
+    )
+    engine_overrides: str = Field(
+        "",
+        description="advanced: comma list of key=value that replace the engine defaults measured for the device "
+        "(e.g. cuda_graphs=off,tile_batch=4; keys in docs/ENGINES.md)",
     )
     max_batch: int = Field(4, ge=1, le=64, description="most images the worker runs in one batch")
     warmup: str = Field(
         "auto",
-        description="work sizes the worker runs once at every batch size up to max_batch before it reports "
-        "ready, so that the first requests do not pay CUDA-graph capture, the cuDNN algorithm search or "
-        "torch.compile: auto = on CUDA the square of each model's default min_side, on the CPU none; off; or "
-        "a comma list of HxW (e.g. 512x512,768x512). On CUDA the size of a large image's tiles (512x512 for the "
-        "official models) runs up to FLOWIE_TILE_BATCH images when that is more than max_batch: tiled calls "
-        "have those shapes. With FLOWIE_TORCH_COMPILE, one more size (64 taller, 128 wider than the first) runs at "
-        "batch 1 and 2, so that torch.compile makes its graphs for any image size during the warm-up instead of "
-        "on the first odd-sized request",
-    )
-    codec_threads: int = Field(
-        0, ge=0, le=64,
-        description="threads a worker encodes a batch's answers with, and as many again that decode a batch's "
-        "uploads (the image codecs release the GIL; a 512x512 PNG takes 10-30 ms). A PNG answer is compressed in "
-        "bands, the threads shared out among a batch's answers: a lone answer uses them all (2 threads: 3.1x "
-        "faster than Pillow's encoder for 1.5% more bytes; docs/PERF.md); 0 = min(8, CPU cores)",
-    )
-    encode_overlap: Literal["auto", "on", "off"] = Field(
-        "auto",
-        description="encode and store a batch's answers on the codec threads while the next batch computes (one "
-        "batch behind at most) instead of before it: auto = on with CUDA, where the PNG encoding would otherwise "
-        "add its CPU time to every batch (1.35x images/s at batch 1 and 1.14x at batch 16 on an H200; docs/PERF.md), off on "
-        "the CPU, where it is a few per cent of compute and would compete with it for the cores",
-    )
-    png_compress_level: int = Field(
-        1, ge=0, le=9,
-        description="zlib level of PNG answers (lossless at every level); 1 encodes a 512x512 photo 3.5x faster "
-        "than 6 for 4% more bytes (docs/PERF.md)",
+        description="work sizes the worker runs at every batch size up to max_batch before it reports ready: "
+        "auto (on CUDA each model's default size), off, or a comma list of HxW such as 512x512,768x512",
     )
     batch_lookahead: int = Field(
         16, ge=0, le=256,
-        description="jobs a worker with a backlog holds to find batch mates for the oldest one (a mixed "
-        "workload has many parameter/size groups); 0 = 2 x max_batch. Held jobs keep their decoded uploads in "
-        "memory, are heartbeated and are handed back on shutdown; with several workers, lower it if some idle "
-        "while another holds a full buffer",
+        description="jobs a worker with a backlog holds to find batch mates for the oldest one (0 = 2 x max_batch)",
     )
     max_wait_ms: float = Field(
-        10.0, ge=0, description="ms the worker waits for more jobs of the same shape before running a batch, "
-        "only when more are likely (jobs queued behind its previous batch); a job that finds the worker idle "
-        "starts at once"
+        10.0, ge=0, description="ms the worker waits for batch mates when more jobs are queued behind a batch",
     )
     visibility_timeout_s: float = Field(
         60.0, gt=0,
@@ -308,13 +191,16 @@ class Settings(BaseSettings):
 
     @field_validator("torch_compile", mode="before")
     @classmethod
-    def _torch_compile(cls, value: Any) -> str:
-        return _normalised_stage_setting(value, torch_compile_stages)  # earlier releases took a bool: still taken
+    def _torch_compile(cls, value: Any) -> Any:
+        return True if isinstance(value, str) and value.strip().lower() in _COMPILE_ALL else value
 
-    @field_validator("channels_last", mode="before")
+    @field_validator("engine_overrides")
     @classmethod
-    def _channels_last(cls, value: Any) -> str:
-        return _normalised_stage_setting(value, channels_last_option)
+    def _engine_overrides(cls, value: str) -> str:
+        from engines.config import parse_overrides  # light: no torch
+
+        parse_overrides(value)  # raises with what is wrong
+        return value.strip()
 
     @field_validator("warmup")
     @classmethod
@@ -346,6 +232,17 @@ class Settings(BaseSettings):
                 f"{MIN_PRODUCTION_KEY_CHARS} characters; use long random keys (e.g. `openssl rand -hex 24`)"
             )
         return self
+
+    def engine_config(self) -> EngineConfig:
+        """The engine configuration of this process's device: one place that resolves every auto."""
+        from engines.config import EngineConfig
+
+        try:
+            return EngineConfig.for_device(self.device, backend=self.backend, dtype=self.dtype,
+                                           torch_compile=self.torch_compile, spill_dir=self.spill_dir,
+                                           overrides=self.engine_overrides)
+        except ValueError as exc:
+            raise SettingsError(f"{ENV_PREFIX}ENGINE_OVERRIDES / {ENV_PREFIX}DEVICE / {ENV_PREFIX}SPILL_DIR: {exc}") from None
 
     def api_key_values(self) -> list[str]:
         return [k.get_secret_value() for k in self.api_keys]

@@ -22,7 +22,7 @@ keeps heartbeating while a batch computes; a failing batch is retried one job at
 bad job cannot fail its neighbours.
 
 Compute runs on one thread of its own (torch's CPU thread team and CUDA's current device and stream
-belong to the calling thread). Answers (``FLOWIE_ENCODE_OVERLAP``, auto = on with CUDA): once the
+belong to the calling thread). Answers (the engine configuration's ``encode_overlap``, on with CUDA): once the
 pipeline is done with a batch, the compute thread hands its outputs to the codec threads and takes
 the next batch while a task stores the answers; at most one batch's answers are in flight, so the
 next batch's are stored only after them. On a GPU the encoding (a 512 x 512 PNG takes tens of ms of
@@ -33,6 +33,7 @@ out among a batch's answers, so a lone answer, whose encode is on its request's 
 
 Warm-up (``FLOWIE_WARMUP``, ``service.warmup``): before it reports ready, the worker runs the
 work sizes that requests will bring, so that they do not pay what a new input shape costs on a GPU.
+Then ``Runner.warmup_done``: the CUDA graphs captured so far stay, later ones share a bounded cache.
 
 Shutdown (``request_stop``, SIGTERM): the batch in progress finishes and is stored; jobs taken
 but not started are handed back to the queue for other workers.
@@ -62,7 +63,6 @@ from service.imaging import (
     OUTPUT_FORMATS,
     ImageError,
     decode_image,
-    default_codec_threads,
     encode_image,
     pixels_to_decode,
     submit_encode,
@@ -114,6 +114,7 @@ class Worker:
         self.queue = queue
         self.runner_factory = runner_factory
         self.settings = settings
+        self.config = settings.engine_config()  # codec threads, encode overlap, PNG level
         self.metrics = metrics
         self.worker_id = worker_id or settings.worker_id or default_worker_id()
         self.runner: Runner | None = None
@@ -165,6 +166,7 @@ class Worker:
             raise
         tasks = self.runner.tasks
         await self._warm_up()
+        self.runner.warmup_done()
         self.ready = True
         log.info("worker ready", extra={"worker_id": self.worker_id, "tasks": tasks,
                                         "backend": self.runner.backend, "device": self.settings.device})
@@ -342,7 +344,7 @@ class Worker:
 
     @property
     def _codec_threads(self) -> int:
-        return self.settings.codec_threads or default_codec_threads()
+        return self.config.codec_threads
 
     def _prepare_sync(self, deliveries: list[Delivery]) -> list[_Prepared | tuple[int, str, str, str]]:
         """Decode and key deliveries (several at once on the decoding threads); a problem tuple for a bad one."""
@@ -471,9 +473,8 @@ class Worker:
 
     @property
     def _overlap(self) -> bool:
-        """Whether answers are encoded while the next batch computes (see FLOWIE_ENCODE_OVERLAP)."""
-        setting = self.settings.encode_overlap
-        return setting == "on" or (setting == "auto" and self.settings.device.startswith("cuda"))
+        """Whether answers are encoded while the next batch computes (see the module docstring)."""
+        return self.config.encode_overlap
 
     async def _on_compute_thread(self, function: Callable[..., Any], *args: Any) -> Any:
         """Run ``function`` on the worker's one compute thread (with the caller's log context).
@@ -564,7 +565,7 @@ class Worker:
         """One job's answer in its format, or the error that stopped it (that job fails alone)."""
         job = prepared.delivery.job
         try:
-            return encode_image(output.image, job.output_format, job.quality, self.settings.png_compress_level)
+            return encode_image(output.image, job.output_format, job.quality, self.config.png_compress_level)
         except Exception as exc:  # noqa: BLE001 - reported per job by _deliver
             return exc
 
@@ -588,7 +589,7 @@ class Worker:
         """Hand each output to the codec threads to encode in its job's format."""
         bands = self._png_bands(len(batch))
         return [submit_encode(self._codec, out.image, p.delivery.job.output_format, p.delivery.job.quality,
-                              self.settings.png_compress_level, bands)
+                              self.config.png_compress_level, bands)
                 for p, out in zip(batch, outputs, strict=True)]
 
     @staticmethod

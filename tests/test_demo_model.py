@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engines import build_pipeline
 from flowie import metrics
 from flowie.modeldir import DEMO_MODEL_DIR, WEIGHT_FILES, read_model_dir
 
@@ -50,14 +51,13 @@ def test_demo_model_is_complete_and_at_most_25_mb():
 def held_out_results() -> dict[str, float]:
     """PSNR (RGB, border 4) of bicubic, SwinIR and the full pipeline on a held-out crop under the x4 bar preset."""
     from flowie.params import EnhanceParams
-    from flowie.pipeline import Pipeline
     from flowie.train.degrade import degrade_uint8
 
     _require_demo()
     clean = _held_out_crop()
     lq = degrade_uint8(clean, "x4_bar", seed=0)
     bicubic = np.asarray(Image.fromarray(lq).resize(clean.shape[1::-1], Image.Resampling.BICUBIC))
-    pipe = Pipeline.from_model_dir(DEMO_MODEL_DIR)
+    pipe = build_pipeline(DEMO_MODEL_DIR)
     # min_side 512: the 512 px output runs as it is (work scale 1, inside the trained range 1-3),
     # a quarter of the pixels the default min_side 1024 would cost.
     result = pipe.enhance([lq], EnhanceParams(upscale=4.0, min_side=512), seeds=[0])[0]

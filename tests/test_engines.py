@@ -11,14 +11,13 @@ import pytest
 import torch
 
 from engines import (
+    EngineConfig,
     EngineError,
     ShapeError,
     StaleArtifactError,
     build_engines,
     build_pipeline,
-    channels_last_stages,
     normalise_backend,
-    torch_stage_options,
 )
 from engines.artifacts import TRT_FORMAT, check_plan_meta, find_plan_dir, gpu_slug, trt_dir
 from engines.base import bind_axes, output_shapes
@@ -126,34 +125,18 @@ def test_channels_last_engine_keeps_nhwc_weights_and_returns_nchw_outputs(info):
     assert float((ours - reference).norm() / reference.norm()) < 1e-5  # float32 rounding only
 
 
-def test_channels_last_auto_follows_the_device_and_names_stages(tiny_model_dir):
-    def nhwc(**options):
-        engines = build_engines(tiny_model_dir, "torch", "cpu", **options)
+def test_channels_last_follows_the_device_and_names_stages(tiny_model_dir):
+    def nhwc(overrides=""):
+        engines = build_engines(tiny_model_dir, EngineConfig.for_device("cpu", overrides=overrides))
         return {name for name, engine in engines.items() if engine.describe()["channels_last"]}
 
-    cpu_default = {"swinir", "cond_encoder", "vae_decoder"}  # measured faster on the CPU (docs/PERF.md)
-    assert nhwc() == cpu_default and nhwc(channels_last="auto") == cpu_default
-    assert nhwc(channels_last=False) == set()
-    assert nhwc(channels_last=True) == {"swinir", "cond_encoder", "flow_unet", "vae_decoder"}
-    assert nhwc(channels_last=("flow_unet",)) == {"flow_unet"}
-    assert channels_last_stages("auto", "cuda:1") == frozenset()  # measured slower with fp16 on an H200
-    with pytest.raises(EngineError, match="unknown stage.*unet"):
-        build_engines(tiny_model_dir, "torch", channels_last=("unet",))
-    with pytest.raises(EngineError, match="'yes' is not 'auto'"):
-        channels_last_stages("yes", "cpu")
-
-
-def test_torch_stage_options_narrow_compile_and_channels_last_to_their_stages():
-    """What build_engines and `flowie bench --preset` hand each stage's TorchEngine."""
-    per_stage = torch_stage_options({"compile": "max-autotune", "compile_stages": ["flow_unet"],
-                                     "channels_last": ("swinir",), "cudnn_benchmark": True}, "cpu")
-    assert per_stage("flow_unet") == {"compile": "max-autotune", "channels_last": False, "cudnn_benchmark": True}
-    assert per_stage("swinir") == {"compile": False, "channels_last": True, "cudnn_benchmark": True}
-    every = torch_stage_options({"compile": True}, "cpu")  # no compile_stages: every stage; channels_last auto
-    assert every("flow_unet") == {"compile": True, "channels_last": False}
-    assert every("vae_decoder") == {"compile": True, "channels_last": True}
-    with pytest.raises(EngineError, match="compile_stages: unknown stage"):
-        torch_stage_options({"compile": True, "compile_stages": ["unet"]}, "cpu")
+    assert nhwc() == {"swinir", "cond_encoder", "vae_decoder"}  # the CPU default: the convolution-heavy stages
+    assert nhwc("channels_last=none") == set()
+    assert nhwc("channels_last=all") == {"swinir", "cond_encoder", "flow_unet", "vae_decoder"}
+    assert nhwc("channels_last=flow_unet") == {"flow_unet"}
+    assert EngineConfig.for_device("cuda:1").channels_last == ()  # NCHW on CUDA
+    with pytest.raises(ValueError, match="channels_last='unet' names no stage"):
+        EngineConfig.for_device("cpu", overrides="channels_last=unet")
 
 
 def test_engine_casts_inputs_and_returns_float32(info):
@@ -166,36 +149,26 @@ def test_engine_casts_inputs_and_returns_float32(info):
 
 
 def test_build_pipeline_torch_backend_wraps_every_stage(tiny_model_dir):
-    pipe = build_pipeline(tiny_model_dir, backend="torch")
+    pipe = build_pipeline(tiny_model_dir)
     assert pipe.backend == "torch"
     assert {type(s).__name__ for s in pipe.stages.values()} == {"TorchEngine"}
 
 
-def test_backend_names_aliases_and_environment(monkeypatch):
+def test_backend_names_and_aliases():
     assert normalise_backend("onnxruntime") == "onnx" and normalise_backend("TRT") == "tensorrt"
-    monkeypatch.setenv("FLOWIE_BACKEND", "ort")
-    assert normalise_backend(None) == "onnx"
-    monkeypatch.delenv("FLOWIE_BACKEND")
     assert normalise_backend(None) == "torch"
     with pytest.raises(ValueError, match="backend must be one of"):
         normalise_backend("openvino")
 
 
-def test_options_of_another_back_end_are_refused(tiny_model_dir):
-    with pytest.raises(TypeError, match="intra_op_threads"):
-        build_engines(tiny_model_dir, "torch", intra_op_threads=2)
-
-
 def test_compile_applies_to_the_named_stages_only(tiny_model_dir):
-    """FLOWIE_TORCH_COMPILE=on compiles two stages: the others must stay eager (no compile is
+    """compile_stages narrows torch.compile to two stages: the others stay eager (no compile is
     triggered here: torch.compile wraps lazily, and describe() says what each engine will run)."""
-    engines = build_engines(tiny_model_dir, "torch", compile=True, compile_stages=("flow_unet", "vae_decoder"))
-    modes = {name: engine.describe()["compile"] for name, engine in engines.items()}
+    config = EngineConfig.for_device("cpu", overrides="compile_stages=flow_unet+vae_decoder")
+    modes = {name: engine.describe()["compile"] for name, engine in build_engines(tiny_model_dir, config).items()}
     assert modes == {"swinir": None, "cond_encoder": None, "flow_unet": "default", "vae_decoder": "default"}
-    every = build_engines(tiny_model_dir, "torch", compile=True)
+    every = build_engines(tiny_model_dir, EngineConfig.for_device("cpu", torch_compile=True))
     assert {engine.describe()["compile"] for engine in every.values()} == {"default"}
-    with pytest.raises(EngineError, match="unknown stage.*unet"):
-        build_engines(tiny_model_dir, "torch", compile=True, compile_stages=("unet",))
 
 
 def test_onnx_backend_without_export_says_to_export(tiny_model_dir, tmp_path):
@@ -204,7 +177,7 @@ def test_onnx_backend_without_export_says_to_export(tiny_model_dir, tmp_path):
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_dir, ignore=shutil.ignore_patterns("onnx", "trt"))
     with pytest.raises(StaleArtifactError, match="flowie export --model"):
-        build_pipeline(model_dir, backend="onnx")
+        build_pipeline(model_dir, EngineConfig.for_device("cpu", backend="onnx"))
 
 
 def test_importing_engines_does_not_import_torch():
@@ -272,7 +245,7 @@ def test_without_tensorrt_build_engines_exits_nonzero_with_one_sentence(tiny_mod
 def test_without_tensorrt_the_tensorrt_backend_says_so(tiny_model_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(EngineError, match="TensorRT is not installed"):
-        build_pipeline(tiny_model_dir, backend="tensorrt", device="cuda")
+        build_pipeline(tiny_model_dir, EngineConfig.for_device("cuda", backend="tensorrt"))
 
 
 def test_profiles_come_from_the_stage_envelope_or_the_flag():

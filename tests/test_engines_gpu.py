@@ -4,6 +4,7 @@ CUDA GPU (or no TensorRT, or no onnxruntime-gpu) is present."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -12,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from engines import EngineConfig, build_pipeline
 from flowie.model import load_stage
 from flowie.modeldir import read_model_dir
 from flowie.params import EnhanceParams
-from flowie.pipeline import Pipeline
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -89,7 +90,27 @@ def test_cuda_graph_replay_equals_eager_for_each_shape(info):
         second = graphed(latent * 2)  # must not overwrite the first result
         assert rel_err(first, eager(latent)) <= 1e-6
         assert rel_err(second, eager(latent * 2)) <= 1e-6
-    assert len(graphed._graphs.graphs) == 2
+    assert graphed.describe()["graphs_kept"] == 2 and graphed.describe()["graphs_captured"] == 2
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graphs_keep_the_warm_up_shapes_and_at_most_the_cache_size_more(info):
+    """cuda_graph_cache 1: the warm-up's shape stays captured, later shapes share one slot (each new
+    one replaces the last), and every output still equals eager's."""
+    from engines.torch_engine import TorchEngine
+
+    eager = TorchEngine.from_model(info, "vae_decoder", "cuda")
+    graphed = TorchEngine.from_model(info, "vae_decoder", "cuda", cuda_graphs=True, cuda_graph_cache=1)
+    graphed.start_warmup()
+    warm = torch.randn(1, 4, 16, 16, device="cuda")
+    graphed(warm)
+    graphed.end_warmup()
+    for shape in [(1, 4, 16, 24), (1, 4, 24, 16), (1, 4, 16, 16), (1, 4, 16, 24)]:
+        latent = torch.randn(shape, device="cuda")
+        assert rel_err(graphed(latent), eager(latent)) <= 1e-6
+    assert graphed.describe()["graphs_kept"] == 2  # the warm-up's + one
+    assert graphed.describe()["graphs_captured"] == 4  # 16x24 twice: dropped in between
 
 
 @pytest.mark.gpu
@@ -113,7 +134,7 @@ def test_cudnn_benchmark_sets_the_process_flag_and_keeps_the_numbers(info):
 @pytest.mark.gpu
 @needs_cuda
 def test_control_stream_gives_the_one_stream_numbers_eager_and_under_cuda_graphs(info):
-    """FLOWIE_CONTROL_STREAM: the ControlNet on a second stream computes the same operations, so the
+    """control_stream: the ControlNet on a second stream computes the same operations, so the
     same numbers (kernels may be chosen per stream, hence a float32 tolerance and not bit equality);
     a CUDA graph captures the fork and join and replays them for each shape."""
     from engines.errors import EngineError
@@ -150,9 +171,8 @@ def test_torch_compile_matches_eager(info):
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_pipeline_reproduces_the_official_images(tiny_model_dir, fixture_dir):
-    from engines import build_pipeline
 
-    ours = _images(build_pipeline(tiny_model_dir, backend="torch", device="cuda"), fixture_dir)
+    ours = _images(build_pipeline(tiny_model_dir, EngineConfig.for_device("cuda", dtype="float32", overrides="cuda_graphs=off")), fixture_dir)
     official = np.load(fixture_dir / "expected" / "meanvalue_wavelet_uint8.npy").astype(np.int16)
     assert np.abs(ours - official).max() <= 1
 
@@ -170,13 +190,13 @@ def exported_dir(tiny_model_dir, tmp_path_factory):
 @pytest.mark.gpu
 @needs_ort_cuda
 def test_onnxruntime_cuda_with_io_binding_matches_torch(exported_dir, fixture_dir):
-    from engines import build_pipeline
 
-    pipe = build_pipeline(exported_dir, backend="onnx", device="cuda", trt_ep_cache=False,
-                          providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    config = EngineConfig.for_device("cuda", backend="onnx", overrides="trt_ep_cache=off")
+    pipe = build_pipeline(exported_dir, dataclasses.replace(config, providers=("CUDAExecutionProvider",
+                                                                               "CPUExecutionProvider")))
     assert pipe.stages["flow_unet"].providers[0] == "CUDAExecutionProvider"
     ours = _images(pipe, fixture_dir)
-    torch_images = _images(Pipeline.from_model_dir(exported_dir), fixture_dir)
+    torch_images = _images(build_pipeline(exported_dir), fixture_dir)
     assert np.abs(ours - torch_images).max() <= 1
 
 
@@ -184,7 +204,6 @@ def test_onnxruntime_cuda_with_io_binding_matches_torch(exported_dir, fixture_di
 @pytest.mark.tensorrt
 @needs_trt
 def test_tensorrt_plans_build_skip_and_give_the_torch_images(exported_dir, fixture_dir):
-    from engines import build_pipeline
     from export.tensorrt import BuildOptions, build_engines, parse_profile
 
     options = BuildOptions(envelope=parse_profile("1x64/2x128/2x256"), workspace_gb=2)
@@ -197,9 +216,9 @@ def test_tensorrt_plans_build_skip_and_give_the_torch_images(exported_dir, fixtu
     messages.clear()
     build_engines(exported_dir, options=options, progress=messages.append)
     assert sum("up to date" in m for m in messages) == 4
-    pipe = build_pipeline(exported_dir, backend="tensorrt", device="cuda")
+    pipe = build_pipeline(exported_dir, EngineConfig.for_device("cuda", backend="tensorrt"))
     ours = _images(pipe, fixture_dir)
-    torch_images = _images(Pipeline.from_model_dir(exported_dir), fixture_dir)
+    torch_images = _images(build_pipeline(exported_dir), fixture_dir)
     assert np.abs(ours - torch_images).max() <= 1
 
 
@@ -207,7 +226,7 @@ def test_tensorrt_plans_build_skip_and_give_the_torch_images(exported_dir, fixtu
 @pytest.mark.tensorrt
 @needs_trt
 def test_tensorrt_engine_refuses_a_plan_from_another_gpu(exported_dir):
-    from engines import StaleArtifactError, build_pipeline
+    from engines import StaleArtifactError
     from export.tensorrt import BuildOptions, build_engines, parse_profile
 
     plan_dir = build_engines(exported_dir, options=BuildOptions(envelope=parse_profile("1x64/2x128/2x256")))
@@ -216,6 +235,6 @@ def test_tensorrt_engine_refuses_a_plan_from_another_gpu(exported_dir):
     meta_file.write_text(json.dumps({**meta, "tensorrt": "9.0.0"}))
     try:
         with pytest.raises(StaleArtifactError, match="flowie build-engines"):
-            build_pipeline(exported_dir, backend="tensorrt", device="cuda")
+            build_pipeline(exported_dir, EngineConfig.for_device("cuda", backend="tensorrt"))
     finally:
         meta_file.write_text(json.dumps(meta))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engines import build_pipeline
 from flowie import evaluate as ev
 from flowie import metrics
 from flowie.train.data import NamedImage
@@ -43,9 +44,8 @@ def test_mean_value_and_euler_get_the_same_number_of_evaluations():
 
 
 def test_evaluate_measures_every_method_and_writes_table_json_and_grid(tiny_model_dir, tmp_path):
-    from flowie.pipeline import Pipeline
 
-    pipe = Pipeline.from_model_dir(tiny_model_dir)
+    pipe = build_pipeline(tiny_model_dir)
     items, degradation = ev.make_items([NamedImage("one", _clean(128, 0))], preset="x4_bar", seed=3)
     assert items[0].lq.shape == (32, 32, 3) and items[0].scale == 4.0
     report, outputs = ev.evaluate(pipe, items, degradation, seed=0, overrides={"min_side": 0})

@@ -7,6 +7,7 @@ per module into a copy of the model directory; tests that change files make thei
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -14,16 +15,19 @@ import numpy as np
 import pytest
 import torch
 
-from engines import StaleArtifactError, build_engines, build_pipeline
+from engines import EngineConfig, StaleArtifactError, build_engines, build_pipeline
 from engines.artifacts import onnx_path, onnx_sidecar_path
 from export.onnx import ExportError, VerificationError, export_model, export_module, verify_onnx
 from flowie.model import load_null_context, load_stage
 from flowie.modeldir import read_model_dir
 from flowie.params import EnhanceParams
-from flowie.pipeline import STAGE_ORDER, Pipeline
+from flowie.pipeline import Pipeline
+from flowie.stages import STAGE_NAMES as STAGE_ORDER
 from flowie.stages import STAGES
 
 FP32_TOLERANCE = 1e-4
+
+ONNX_CPU = EngineConfig.for_device("cpu", backend="onnx")
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +96,7 @@ def test_one_onnx_file_serves_new_shapes_through_the_engine(exported, tiny_model
     """A batch of 3 at 192x128 (neither traced nor verified) through the onnx engine equals torch."""
     model_dir, _, _ = exported
     info = read_model_dir(model_dir)
-    engines = build_engines(model_dir, "onnx", stages=("swinir", "flow_unet"))
+    engines = build_engines(model_dir, ONNX_CPU, stages=("swinir", "flow_unet"))
     context = load_null_context(info)
     g = torch.Generator().manual_seed(7)
     lq = torch.rand(3, 3, 192, 128, generator=g)
@@ -184,8 +188,8 @@ def test_fp16_export_runs_in_onnxruntime_close_to_fp32_torch(exported, tiny_mode
     from engines import EngineError
 
     with pytest.raises(EngineError, match="--dtype fp32"):
-        build_engines(model_dir, "onnx", stages=("vae_decoder",))
-    engine = build_engines(model_dir, "onnx", dtype="float16", stages=("vae_decoder",))["vae_decoder"]
+        build_engines(model_dir, ONNX_CPU, stages=("vae_decoder",))
+    engine = build_engines(model_dir, dataclasses.replace(ONNX_CPU, dtype="float16"), stages=("vae_decoder",))["vae_decoder"]
     assert engine.precision == torch.float16
     assert engine(torch.randn(1, 4, 16, 16)).dtype == torch.float32
 
@@ -210,7 +214,7 @@ def test_dynamo_exporter_without_onnxscript_says_what_to_install(exported, monke
         export_model(model_dir, stages=["cond_encoder"], exporter="dynamo", verify=False)
     # A failed export leaves the existing file and its record alone.
     assert onnx_sidecar_path(model_dir, "cond_encoder").read_text() == before
-    build_engines(model_dir, "onnx", stages=("cond_encoder",))
+    build_engines(model_dir, ONNX_CPU, stages=("cond_encoder",))
 
 
 def test_onnx_engine_refuses_files_from_other_weights(exported, tiny_model_dir, tmp_path):
@@ -220,10 +224,10 @@ def test_onnx_engine_refuses_files_from_other_weights(exported, tiny_model_dir, 
     sidecar["key"]["weights"]["source_sha256"] = "0" * 64
     sidecar_file.write_text(json.dumps(sidecar))
     with pytest.raises(StaleArtifactError, match="flowie export"):
-        build_engines(model_dir, "onnx", stages=("swinir",))
+        build_engines(model_dir, ONNX_CPU, stages=("swinir",))
     (model_dir / "onnx" / "cond_encoder.onnx").unlink()
     with pytest.raises(StaleArtifactError, match="does not exist"):
-        build_engines(model_dir, "onnx", stages=("cond_encoder",))
+        build_engines(model_dir, ONNX_CPU, stages=("cond_encoder",))
 
 
 # ---------------------------------------------------------------- same images through the Pipeline
@@ -242,8 +246,8 @@ def _images(pipe: Pipeline, lq, x_T) -> np.ndarray:
 def test_onnx_pipeline_gives_the_torch_pipelines_images(exported, fixture_inputs, fixture_dir):
     model_dir, _, _ = exported
     lq, x_T = fixture_inputs
-    torch_images = _images(Pipeline.from_model_dir(model_dir), lq, x_T)
-    onnx_pipe = build_pipeline(model_dir, backend="onnx")
+    torch_images = _images(build_pipeline(model_dir), lq, x_T)
+    onnx_pipe = build_pipeline(model_dir, ONNX_CPU)
     assert onnx_pipe.backend == "onnx"
     onnx_images = _images(onnx_pipe, lq, x_T)
     diff = np.abs(torch_images.astype(np.int16) - onnx_images.astype(np.int16))

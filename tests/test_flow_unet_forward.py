@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engines import EngineError, torch_stage_options
+from engines import EngineConfig, EngineError
 from engines.torch_engine import TorchEngine
 from flowie.nets.flow_unet import FlowUNet, UNetConfig
 from flowie.stages import FLOW_UNET
@@ -61,8 +61,9 @@ def test_the_torch_engine_refuses_the_control_stream_on_the_cpu(unet):
         TorchEngine(unet, FLOW_UNET, "cpu", control_stream=True)
 
 
-def test_torch_stage_options_give_the_control_stream_to_the_flow_unet_only():
-    per_stage = torch_stage_options({"control_stream": True}, "cuda")
-    assert per_stage("flow_unet")["control_stream"] is True
-    assert all("control_stream" not in per_stage(s) for s in ("swinir", "cond_encoder", "vae_decoder"))
-    assert "control_stream" not in torch_stage_options({"control_stream": False}, "cuda")("flow_unet")
+def test_the_engine_configuration_gives_the_control_stream_to_the_flow_unet_only():
+    config = EngineConfig.for_device("cuda")  # on by default on CUDA
+    assert config.torch_options("flow_unet")["control_stream"] is True
+    assert not any(config.torch_options(s)["control_stream"] for s in ("swinir", "cond_encoder", "vae_decoder"))
+    off = EngineConfig.for_device("cuda", overrides="control_stream=off")
+    assert off.torch_options("flow_unet")["control_stream"] is False

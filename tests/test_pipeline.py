@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from engines import build_pipeline
 from flowie import colorfix, samplers, tiling
 from flowie.params import EnhanceParams, ParamError
 from flowie.pipeline import Pipeline
@@ -16,7 +17,7 @@ from flowie.pipeline import Pipeline
 
 @pytest.fixture(scope="module")
 def pipe(tiny_model_dir):
-    return Pipeline.from_model_dir(tiny_model_dir)
+    return build_pipeline(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +121,9 @@ def test_enhance_without_a_model_says_what_to_do(tmp_path, capsys, monkeypatch, 
 
 
 @pytest.mark.parametrize("args, says", [
-    (["--channels-last", "nhwc"], "FLOWIE_CHANNELS_LAST: nhwc is not a stage"),
-    (["--tile-batch", "-1"], "--tile-batch must be 0 (by device) or more"),
+    (["--engine-overrides", "channels_last=nhwc"], "engine override channels_last='nhwc' names no stage"),
+    (["--engine-overrides", "tile_batch=-1"], "engine override tile_batch='-1' is not a whole number from 0 to 64"),
+    (["--engine-overrides", "cuda_graphs=on"], "cuda_graphs=on needs a CUDA device"),
     (["--backend", "onnx"], "flowie export --model"),  # a model never exported: one sentence, no traceback
 ])
 def test_enhance_refuses_bad_engine_settings_with_one_sentence(tiny_model_dir, fixture_dir, tmp_path, capsys, args, says):

@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from engines import build_pipeline
 from flowie import colorfix, samplers
 from flowie.model import load_null_context, load_stage
 from flowie.modeldir import read_model_dir
 from flowie.params import EnhanceParams
-from flowie.pipeline import Pipeline
 
 REL_TOL = 1e-4
 MAX_OFF_FRACTION = 0.001
@@ -204,7 +204,7 @@ def test_bsr_recipe_matches_official(tiny_bsr_model_dir, golden, x_T):
 
 @pytest.fixture(scope="module")
 def bfr_pipeline(tiny_model_dir):
-    return Pipeline.from_model_dir(tiny_model_dir)
+    return build_pipeline(tiny_model_dir)
 
 
 def _run(pipe, lq, x_T, **params):
@@ -236,7 +236,7 @@ def test_stage1_image_matches_official(bfr_pipeline, fixture_dir, lq, x_T):
 
 
 def test_final_bsr_image_matches_official(tiny_bsr_model_dir, fixture_dir, lq, x_T):
-    pipe = Pipeline.from_model_dir(tiny_bsr_model_dir)
+    pipe = build_pipeline(tiny_bsr_model_dir)
     ours, _ = _run(pipe, lq, x_T, sampler="one_step")  # model default colour fix for BSR: none
     assert_uint8_match("bsr_onestep", ours, np.load(fixture_dir / "expected" / "bsr_onestep_uint8.npy"))
 
@@ -244,11 +244,11 @@ def test_final_bsr_image_matches_official(tiny_bsr_model_dir, fixture_dir, lq, x
 def test_the_services_engines_with_their_cpu_defaults_match_official(tiny_model_dir, tiny_bsr_model_dir, fixture_dir,
                                                                       golden, lq, x_T):
     """What `flowie serve` and `flowie enhance` run on the CPU: TorchEngine stages, three of them in
-    channels-last memory format (FLOWIE_CHANNELS_LAST=auto). Its rounding differs from NCHW's, and
+    channels-last memory format (the CPU default of EngineConfig). Its rounding differs from NCHW's, and
     the images must still be the official ones."""
     from engines import build_pipeline
 
-    pipe = build_pipeline(tiny_model_dir, backend="torch", device="cpu")
+    pipe = build_pipeline(tiny_model_dir)
     nhwc = {name for name, engine in pipe.stages.items() if engine.describe()["channels_last"]}
     assert nhwc == {"swinir", "cond_encoder", "vae_decoder"}  # the setting under test is in force
     stages = pipe.stages  # each stage alone, at the per-stage tolerance
@@ -259,7 +259,7 @@ def test_the_services_engines_with_their_cpu_defaults_match_official(tiny_model_
     ours, restored = _run(pipe, lq, x_T, sampler="mean_value", steps=5, color_fix="wavelet")
     assert_uint8_match("meanvalue_wavelet (engines)", ours, np.load(fixture_dir / "expected" / "meanvalue_wavelet_uint8.npy"))
     assert_uint8_match("control (engines)", restored, np.load(fixture_dir / "expected" / "control_uint8.npy"))
-    bsr, _ = _run(build_pipeline(tiny_bsr_model_dir, backend="torch", device="cpu"), lq, x_T, sampler="one_step")
+    bsr, _ = _run(build_pipeline(tiny_bsr_model_dir), lq, x_T, sampler="one_step")
     assert_uint8_match("bsr_onestep (engines)", bsr, np.load(fixture_dir / "expected" / "bsr_onestep_uint8.npy"))
 
 

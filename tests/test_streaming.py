@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engines import build_pipeline
 from flowie import imageops, tiling
 from flowie.colorfix import WAVELET_HALO, wavelet_color_fix, wavelet_fix_rows
 from flowie.modeldir import ModelInfo
 from flowie.params import EnhanceParams
-from flowie.pipeline import Pipeline
+from flowie.pipeline import Pipeline, PipelineOptions
 from flowie.rowstore import RowStore
 
 
@@ -171,13 +172,12 @@ def test_streamed_wavelet_fix_refuses_missing_rows():
 @pytest.fixture(scope="module")
 def small_tile_pipe(tiny_model_dir):
     """The tiny model with tiling from 64x64 pixels on and 8-latent decoder tiles (fast, many tiles)."""
-    base = Pipeline.from_model_dir(tiny_model_dir)
+    base = build_pipeline(tiny_model_dir)
     tiles = {"latent_tile": 16, "latent_stride": 12, "max_untiled_pixels": 64 * 64, "decoder_latent_tile": 8,
              "decoder_latent_stride": 6}
-    pipe = Pipeline(ModelInfo(path=base.info.path, meta={**base.info.meta, "tiling": tiles}), base.stages,
-                    base.null_context)
-    pipe.tile_batch = 1  # one tile per call: the reference the batched-tile tests compare with
-    return pipe
+    # One tile per call: the reference the batched-tile tests compare with.
+    return Pipeline(ModelInfo(path=base.info.path, meta={**base.info.meta, "tiling": tiles}), base.stages,
+                    base.null_context, options=PipelineOptions(tile_batch=1))
 
 
 def _image(h, w, seed=0):
@@ -198,11 +198,8 @@ def test_run_streamed_gives_the_bits_of_run_batch(small_tile_pipe, tmp_path, sam
     work = _image(576, 128)
     params = EnhanceParams(sampler=sampler, color_fix=color_fix, upscale=1.0, min_side=0, tile="auto")
     reference = small_tile_pipe.run_batch(imageops.images_to_tensor([work]), params, seeds=[9])
-    small_tile_pipe.spill_dir = str(tmp_path) if spill else None
-    try:
-        streamed = small_tile_pipe.run_streamed(work, params, seed=9, keep_restored=True)
-    finally:
-        small_tile_pipe.spill_dir = None
+    pipe = small_tile_pipe.with_options(spill_dir=str(tmp_path) if spill else None)
+    streamed = pipe.run_streamed(work, params, seed=9, keep_restored=True)
     assert np.array_equal(streamed.image, imageops.tensor_to_uint8(reference.image)[0])
     assert np.array_equal(streamed.restored, imageops.tensor_to_uint8(reference.restored)[0])
     if reference.latent is not None:
@@ -244,18 +241,22 @@ def test_run_streamed_refuses_what_it_cannot_stream(small_tile_pipe):
         small_tile_pipe.run_streamed(_image(128, 128).astype(np.float32), ok, seed=1)
 
 
-def test_spill_policy_auto_spills_large_outputs_on_the_cpu_only(tmp_path):
+def test_spill_auto_spills_outputs_over_16_mib_on_the_cpu_only(tmp_path):
     import tempfile
 
-    from flowie.rowstore import AUTO_SPILL_MIN_BYTES, spill_policy
+    from engines import EngineConfig
 
-    assert spill_policy("auto", "cpu") == (tempfile.gettempdir(), AUTO_SPILL_MIN_BYTES)
-    assert spill_policy("", "cpu") == (tempfile.gettempdir(), AUTO_SPILL_MIN_BYTES)
-    assert spill_policy("auto", "cuda:0") == (None, 0)  # host RAM is off the card already
-    assert spill_policy("off", "cpu") == (None, 0)
-    assert spill_policy(str(tmp_path), "cuda") == (str(tmp_path), 0)
+    def spill(setting, device):
+        config = EngineConfig.for_device(device, spill_dir=setting)
+        return config.spill_dir, config.spill_min_bytes
+
+    assert spill("auto", "cpu") == (tempfile.gettempdir(), 16 * 1024 * 1024)
+    assert spill("", "cpu") == (tempfile.gettempdir(), 16 * 1024 * 1024)
+    assert spill("auto", "cuda:0") == (None, 0)  # host RAM is off the card already
+    assert spill("off", "cpu") == (None, 0)
+    assert spill(str(tmp_path), "cuda") == (str(tmp_path), 0)
     with pytest.raises(ValueError, match="does not exist"):
-        spill_policy(str(tmp_path / "missing"), "cpu")
+        spill(str(tmp_path / "missing"), "cpu")
 
 
 def test_run_streamed_spills_only_stores_above_the_threshold(small_tile_pipe, tmp_path, monkeypatch):
@@ -271,14 +272,10 @@ def test_run_streamed_spills_only_stores_above_the_threshold(small_tile_pipe, tm
     monkeypatch.setattr(pipeline_module, "RowStore", SeenRowStore)
     params = EnhanceParams(sampler="restore_only", color_fix="none", upscale=1.0, min_side=0, tile="auto")
     work = _image(128, 128)  # a 196,608-byte float32 store
-    small_tile_pipe.spill_dir = str(tmp_path)
-    try:
-        small_tile_pipe.spill_min_bytes = 12 * 128 * 128 + 1
-        small_tile_pipe.run_streamed(work, params, seed=1)
-        small_tile_pipe.spill_min_bytes = 12 * 128 * 128
-        small_tile_pipe.run_streamed(work, params, seed=1)
-    finally:
-        small_tile_pipe.spill_dir, small_tile_pipe.spill_min_bytes = None, 0
+    small_tile_pipe.with_options(spill_dir=str(tmp_path), spill_min_bytes=12 * 128 * 128 + 1).run_streamed(
+        work, params, seed=1)
+    small_tile_pipe.with_options(spill_dir=str(tmp_path), spill_min_bytes=12 * 128 * 128).run_streamed(
+        work, params, seed=1)
     assert opened == [False, True]
 
 
@@ -295,9 +292,7 @@ def test_enhance_can_skip_the_stage_one_image_without_changing_the_result(small_
 
 @pytest.fixture()
 def batched_tiles(small_tile_pipe):
-    small_tile_pipe.tile_batch = 4
-    yield small_tile_pipe
-    small_tile_pipe.tile_batch = 1
+    return small_tile_pipe.with_options(tile_batch=4)
 
 
 def test_tiles_batched_per_call_give_the_result_of_one_at_a_time(small_tile_pipe):
@@ -310,11 +305,10 @@ def test_tiles_batched_per_call_give_the_result_of_one_at_a_time(small_tile_pipe
     seen: list[int] = []
     unet = small_tile_pipe.stages["flow_unet"]
     small_tile_pipe.stages["flow_unet"] = lambda *xs: seen.append(xs[0].shape[0]) or unet(*xs)
-    small_tile_pipe.tile_batch = 4
     try:
-        batched = small_tile_pipe.run_batch(lq, params, seeds=[3, 4])
+        batched = small_tile_pipe.with_options(tile_batch=4).run_batch(lq, params, seeds=[3, 4])
     finally:
-        small_tile_pipe.tile_batch, small_tile_pipe.stages["flow_unet"] = 1, unet
+        small_tile_pipe.stages["flow_unet"] = unet
     assert 4 in seen and max(seen) == 4
     torch.testing.assert_close(batched.image, one.image, rtol=0, atol=1e-4)
     torch.testing.assert_close(batched.latent, one.latent, rtol=0, atol=1e-4)
@@ -330,7 +324,7 @@ def test_run_streamed_gives_the_bits_of_run_batch_with_tiles_batched(batched_til
 
 
 def test_auto_tiles_per_call_fill_one_official_tile_on_the_cpu(small_tile_pipe):
-    """FLOWIE_TILE_BATCH=0 on the CPU: official 512-pixel tiles stay one per call (the CPU memory
+    """tile_batch 0 (the CPU's default): official 512-pixel tiles stay one per call (the CPU memory
     record's setting); smaller tiles are stacked up to the same area. This pipe's 16-latent UNet
     tiles (128 px) go 16 batch rows per call (a tile row here has fewer), its 8-latent decoder
     tiles (64 px) 64; the images are those of one tile per call up to the kernels' rounding."""
@@ -341,19 +335,14 @@ def test_auto_tiles_per_call_fill_one_official_tile_on_the_cpu(small_tile_pipe):
     originals = dict(small_tile_pipe.stages)
     for name, seen in calls.items():
         small_tile_pipe.stages[name] = lambda *xs, _f=originals[name], _s=seen: _s.append(xs[0].shape[0]) or _f(*xs)
-    small_tile_pipe.tile_batch = 0
+    by_area = small_tile_pipe.with_options(tile_batch=0)
     try:
-        assert [small_tile_pipe.tiles_per_call(px) for px in (512, 1024, 256, 128, 64)] == [1, 1, 4, 16, 64]
-        auto = small_tile_pipe.run_batch(lq, params, seeds=[3])
+        assert [by_area.tiles_per_call(px) for px in (512, 1024, 256, 128, 64)] == [1, 1, 4, 16, 64]
+        auto = by_area.run_batch(lq, params, seeds=[3])
     finally:
-        small_tile_pipe.tile_batch = 1
         small_tile_pipe.stages.update(originals)
     row_unet = len(tiling.tile_starts(448 // 8, 16, 12))  # every UNet tile of a row in one call
     row_decoder = len(tiling.tile_starts(448 // 8, 8, 6))
     assert max(calls["flow_unet"]) == row_unet > 1 and max(calls["vae_decoder"]) == row_decoder > 1
     torch.testing.assert_close(auto.image, one.image, rtol=0, atol=1e-4)
-    small_tile_pipe.tile_batch = 7
-    try:
-        assert small_tile_pipe.tiles_per_call(512) == 7  # a number set is used as it is
-    finally:
-        small_tile_pipe.tile_batch = 1
+    assert small_tile_pipe.with_options(tile_batch=7).tiles_per_call(512) == 7  # a number set is used as it is

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from engines import build_pipeline
 from flowie.train import losses
 from flowie.train.lora import inject_lora, merge_lora
 from flowie.train.trainer import ARCHS, PHASES, PhaseConfig, TrainConfig, Trainer
@@ -46,7 +47,6 @@ def _states(trainer: Trainer) -> dict[str, torch.Tensor]:
 def test_flowie_train_writes_a_model_directory_the_pipeline_loads(images, tmp_path):
     from flowie.modeldir import read_model_dir
     from flowie.params import EnhanceParams
-    from flowie.pipeline import Pipeline
     from service.cli import main
 
     out = tmp_path / "model"
@@ -60,7 +60,7 @@ def test_flowie_train_writes_a_model_directory_the_pipeline_loads(images, tmp_pa
     assert {p: card["training"]["phases"][p]["steps_done"] for p in PHASES} == dict.fromkeys(PHASES, 2)
     assert card["null_context"]["shape"] == [1, 77, ARCHS["tiny"][2].context_dim]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"{p}.pt" for p in sorted(PHASES)]
-    pipe = Pipeline.from_model_dir(out)
+    pipe = build_pipeline(out)
     lq = (np.random.default_rng(0).uniform(0, 255, (40, 52, 3))).astype(np.uint8)
     for sampler in ("mean_value", "euler", "one_step", "restore_only"):
         result = pipe.enhance([lq], EnhanceParams(sampler=sampler, upscale=2.0), seeds=[0])[0]
@@ -147,9 +147,8 @@ def test_lora_trains_only_its_factors_and_the_controlnet_then_merges(images, tmp
     assert not any("parametrizations" in k or "lora" in k for k in merged)
     assert json.loads((out / "model.json").read_text())["card"]["objectives"]["flow"].endswith("frozen base UNet")
     # The merged weights compute what the LoRA-wrapped network computes.
-    from flowie.pipeline import Pipeline
 
-    pipe = Pipeline.from_model_dir(out)
+    pipe = build_pipeline(out)
     x = torch.randn(1, 4, 8, 8)
     c = torch.randn(1, 4, 8, 8)
     t = torch.tensor([500.0])

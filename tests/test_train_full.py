@@ -313,14 +313,14 @@ def test_exported_model_serves_and_its_merged_unet_equals_the_lora_network(init_
     from flowie.model import load_stage
     from flowie.modeldir import read_model_dir
     from flowie.params import EnhanceParams
-    from flowie.pipeline import Pipeline
+    from engines import build_pipeline
     from flowie.train.full import FullConfig, FullTrainer
 
     logged = [json.loads(line) for line in (single_run / "checkpoints" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "val_loss" in r] == [3] and np.isfinite([r["val_loss"] for r in logged if "val_loss" in r]).all()
     info = read_model_dir(single_run)
     assert info.meta["source"]["lora_merged"] > 0 and info.meta["source"]["steps"] == 3
-    pipe = Pipeline.from_model_dir(single_run)
+    pipe = build_pipeline(single_run)
     lq = np.random.default_rng(0).integers(0, 256, (64, 48, 3), dtype=np.uint8)
     result = pipe.enhance([lq], EnhanceParams(upscale=2.0, min_side=0), seeds=[0])[0]
     assert result.image.shape == (128, 96, 3)

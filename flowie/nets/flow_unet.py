@@ -188,7 +188,7 @@ class FlowUNet(nn.Module):
             raise ValueError(f"control_scales needs {cfg.num_controls} values, got {len(scales)}")
         # Kept as a Python tuple so the all-ones case costs nothing and exports cleanly.
         self.control_scales = tuple(float(s) for s in scales)
-        # The torch engine's ``control_stream`` option (FLOWIE_CONTROL_STREAM); inert off CUDA.
+        # The torch engine's ``control_stream`` option (engines.EngineConfig); inert off CUDA.
         self.control_stream = False
 
     def controls(self, x_t, t, c_latent, context) -> list[torch.Tensor]:

@@ -26,6 +26,7 @@ def load(args: argparse.Namespace, command: str) -> tuple[Any, Any] | None:
 
     try:
         settings = settings_from_args(args)
+        config = settings.engine_config()  # refuses overrides this device cannot run, before anything starts
         models = load_models(settings)
     except (SettingsError, ModelDirError) as exc:
         sys.stderr.write(f"flowie {command}: {exc}\n")
@@ -35,8 +36,8 @@ def load(args: argparse.Namespace, command: str) -> tuple[Any, Any] | None:
         from service import hostmem
 
         # Before any thread starts: glibc fixes its arenas when a second thread first allocates.
-        done = hostmem.apply(settings.host_malloc, settings.device)
-        logging.getLogger("flowie.service.host").info("host memory", extra={"host_malloc": settings.host_malloc,
+        done = hostmem.apply(config.host_malloc)
+        logging.getLogger("flowie.service.host").info("host memory", extra={"host_malloc": config.host_malloc,
                                                                              "detail": done})
     return settings, models
 
@@ -48,11 +49,7 @@ def runner_factory(settings: Any, models: dict) -> Any:
     def load_runner() -> Any:
         from service.runner import PipelineRunner  # torch: the worker side only
 
-        return PipelineRunner(model_dirs, device=settings.device, dtype=settings.dtype, backend=settings.backend,
-                              cuda_graphs=settings.cuda_graphs, torch_compile=settings.torch_compile,
-                              cudnn_benchmark=settings.cudnn_benchmark, channels_last=settings.channels_last,
-                              spill_dir=settings.spill_dir,
-                              tile_batch=settings.tile_batch, control_stream=settings.control_stream)
+        return PipelineRunner.load(model_dirs, settings.engine_config())
 
     return load_runner
 

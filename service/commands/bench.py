@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 
-STAGE_CHOICES = ("swinir", "cond_encoder", "flow_unet", "vae_decoder")
+from flowie.stages import STAGE_NAMES as STAGE_CHOICES
+from service.commands._options import add_engine_overrides_argument
 
 
 def _ints(text: str) -> list[int]:
@@ -41,19 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
     parser.add_argument("--no-end-to-end", dest="end_to_end", action="store_false", help="per-stage timings only")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="auto: float16 for the torch back end on CUDA, float32 otherwise (as the service)")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for torch and onnxruntime alike (0: each library's default)")
-    parser.add_argument("--compile", default=None, help="torch back end: torch.compile mode")
-    parser.add_argument("--cuda-graphs", action="store_true", help="torch back end: CUDA-graph replay")
-    parser.add_argument("--cudnn-benchmark", action="store_true",
-                        help="torch back end on CUDA: cuDNN picks convolution algorithms by timing them")
-    parser.add_argument("--channels-last", default="auto",
-                        help="torch back end: stages kept in NHWC memory format, as FLOWIE_CHANNELS_LAST: auto (the "
-                             "convolution-heavy stages on the CPU, none on CUDA), off, on, all or a comma list")
-    parser.add_argument("--control-stream", action="store_true",
-                        help="torch back end on CUDA: the flow UNet's ControlNet on a second CUDA stream, as "
-                             "FLOWIE_CONTROL_STREAM")
+    parser.add_argument("--torch-compile", action="store_true", help="torch back end: compile every stage")
+    add_engine_overrides_argument(parser)
     parser.add_argument("--workdir", default=None, help="--preset: where to export ONNX files (default: a temp dir)")
     parser.add_argument("--json", default=None, metavar="OUT", help="write every measurement to this JSON file")
 
@@ -103,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         for backend in backends:
             say(f"[{backend}] loading {len(stages)} stage(s) on {device}")
             engines = make_engines(backend)
-            pipe = _pipeline(args, engines, backend, device) if args.model and args.end_to_end else None
+            pipe = _pipeline(args, engines, backend) if args.model and args.end_to_end else None
             for batch in args.batch:
                 for height, width in args.size:
                     for stage in stages:
@@ -138,10 +132,8 @@ def run(args: argparse.Namespace) -> int:
             "machine": machine_info(device),
             "model": args.model or f"preset:{args.preset} (random weights)",
             "settings": {"backends": backends, "batches": args.batch, "sizes": args.size, "stages": stages,
-                         "repeats": args.repeats, "warmup": args.warmup, "device": str(device), "dtype": args.dtype,
-                         "threads": args.threads or "default", "compile": args.compile, "cuda_graphs": args.cuda_graphs,
-                         "cudnn_benchmark": args.cudnn_benchmark, "channels_last": args.channels_last,
-                         "control_stream": args.control_stream},
+                         "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads or "default",
+                         "engines": {b: _config(args, b).describe() for b in backends}},
             "results": rows,
         }
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -149,24 +141,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _backend_options(args, backend: str) -> dict:
-    from service.settings import channels_last_option
+def _config(args, backend: str):
+    """The engine configuration the service would use for this device and back end, plus the flags."""
+    import dataclasses
 
-    if backend == "torch":
-        options = {}
-        if args.compile:
-            options["compile"] = args.compile
-        if args.cuda_graphs:
-            options["cuda_graphs"] = True
-        if args.cudnn_benchmark:
-            options["cudnn_benchmark"] = True
-        if args.control_stream:
-            options["control_stream"] = True
-        options["channels_last"] = channels_last_option(args.channels_last)
-        return options
-    if backend == "onnx":
-        return {"intra_op_threads": args.threads}
-    return {}
+    from engines import EngineConfig
+
+    config = EngineConfig.for_device(args.device, backend=backend, dtype=args.dtype, torch_compile=args.torch_compile,
+                                     overrides=args.engine_overrides)
+    return dataclasses.replace(config, intra_op_threads=args.threads) if backend == "onnx" else config
 
 
 def _model_source(args, stages, say):
@@ -178,8 +161,7 @@ def _model_source(args, stages, say):
     context = load_null_context(info)
 
     def make(backend):
-        return build_engines(args.model, backend, args.device, args.dtype, stages=tuple(stages),
-                             **_backend_options(args, backend))
+        return build_engines(args.model, _config(args, backend), stages=tuple(stages))
 
     return context, make
 
@@ -188,13 +170,12 @@ def _preset_source(args, stages, device, workdir, say):
     """Full-size networks of a preset with seeded random weights; ONNX exported on first use."""
     import torch
 
-    from engines import torch_stage_options
+    from engines import torch_engine
     from engines.base import random_inputs
     from engines.ort_engine import OrtEngine
-    from engines.torch_engine import TorchEngine
     from export.onnx import export_module
     from flowie.convert import _stage_configs, load_config, parse_config
-    from flowie.model import build_stage, parse_dtype
+    from flowie.model import build_stage
     from flowie.stages import STAGES
 
     spec = parse_config(load_config(args.preset))
@@ -209,9 +190,8 @@ def _preset_source(args, stages, device, workdir, say):
 
     def make(backend):
         if backend == "torch":
-            per_stage = torch_stage_options(_backend_options(args, backend), device)
-            return {s: TorchEngine(m, STAGES[s], device, parse_dtype(args.dtype), **per_stage(s))
-                    for s, m in modules.items()}
+            config = _config(args, backend)
+            return {s: torch_engine(m, s, config) for s, m in modules.items()}
         if backend == "onnx":
             engines = {}
             for s, module in modules.items():
@@ -227,15 +207,13 @@ def _preset_source(args, stages, device, workdir, say):
     return context, make
 
 
-def _pipeline(args, engines, backend, device):
-    from flowie.model import load_null_context
-    from flowie.modeldir import read_model_dir
-    from flowie.pipeline import STAGE_ORDER, Pipeline
+def _pipeline(args, engines, backend):
+    """The served pipeline around the engines just timed (end to end needs every stage)."""
+    from engines import build_pipeline
 
-    if set(STAGE_ORDER) - set(engines):
-        return None  # end to end needs every stage
-    info = read_model_dir(args.model)
-    return Pipeline(info, engines, load_null_context(info), device=device, backend=backend)
+    if set(STAGE_CHOICES) - set(engines):
+        return None
+    return build_pipeline(args.model, _config(args, backend), stages=engines)
 
 
 def _row(backend: str, key: tuple, stats: dict, details: dict) -> dict:

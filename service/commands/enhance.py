@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from flowie.params import COLOR_FIXES, SAMPLERS, TILE_MODES
+from service.commands._options import add_engine_overrides_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,18 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="noise seed (default: random, printed)")
     parser.add_argument("--noise", default=None, help=".npy [N,4,h,w] float32: row i is the initial latent of input i")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="auto: float16 for the torch back end on CUDA, float32 otherwise (as the service)")
     parser.add_argument("--backend", default="torch", choices=["torch", "onnx", "tensorrt"])
-    parser.add_argument("--channels-last", default="auto",
-                        help="torch back end: stages kept in NHWC memory format, as FLOWIE_CHANNELS_LAST: auto (the "
-                             "convolution-heavy stages on the CPU, where it is faster; none on CUDA), off, on, all or "
-                             "a comma list")
     parser.add_argument("--spill-dir", default="auto",
                         help="where a large image's SwinIR output waits: auto (a temp file on the CPU for "
-                             "outputs over 16 MiB), off (RAM) or a directory")
-    parser.add_argument("--tile-batch", type=int, default=0,
-                        help="batch rows of a tiled image per network call, as FLOWIE_TILE_BATCH: 0 = by device (8 on "
-                             "CUDA; on the CPU up to one 512x512-pixel tile's area), 1 = one tile at a time")
+                             "large outputs), off (RAM) or a directory")
+    add_engine_overrides_argument(parser)
     parser.add_argument("--save-restored", action="store_true", help="also write the stage-1 (SwinIR) output")
 
 
@@ -93,28 +89,15 @@ def run(args: argparse.Namespace) -> int:
         if noise.shape[0] != len(items):
             print(f"flowie enhance: --noise has {noise.shape[0]} rows for {len(items)} images", file=sys.stderr)
             return 2
-    from flowie.rowstore import spill_policy
+    from engines import EngineConfig, EngineError, build_pipeline
 
     try:
-        spill_to, spill_min_bytes = spill_policy(args.spill_dir, args.device)
-    except ValueError as exc:
-        print(f"flowie enhance: --spill-dir: {exc}", file=sys.stderr)
-        return 2
-    if args.tile_batch < 0:
-        print(f"flowie enhance: --tile-batch must be 0 (by device) or more, got {args.tile_batch}", file=sys.stderr)
-        return 2
-    from engines import EngineError, build_pipeline
-    from service.settings import channels_last_option
-
-    try:
-        # The service's engines, with the service's CPU default.
-        options = {"channels_last": channels_last_option(args.channels_last)} if args.backend == "torch" else {}
-        pipe = build_pipeline(model_dir, backend=args.backend, device=args.device, dtype=args.dtype, **options)
+        config = EngineConfig.for_device(args.device, backend=args.backend, dtype=args.dtype,
+                                         spill_dir=args.spill_dir, overrides=args.engine_overrides)
+        pipe = build_pipeline(model_dir, config)  # the service's engines and defaults for this device
     except (EngineError, ValueError) as exc:
         print(f"flowie enhance: {exc}", file=sys.stderr)
         return 2
-    pipe.spill_dir, pipe.spill_min_bytes = spill_to, spill_min_bytes
-    pipe.tile_batch = args.tile_batch
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, (stem, image) in enumerate(tqdm(items, desc="enhance", unit="img", file=sys.stderr)):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from service.commands._options import add_engine_overrides_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model directory (default: the bundled demo model)")
@@ -29,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the mean table and the bar into the model's model.json card")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    add_engine_overrides_argument(parser)
     for name in ("lpips", "fid", "maniqa"):
         parser.add_argument(f"--{name}-weights", default=None,
                             help=f"{name.upper()} weight file (never downloaded; needs pyiqa installed)")
@@ -48,9 +51,9 @@ def run(args: argparse.Namespace) -> int:
     model_dir = Path(args.model) if args.model else DEMO_MODEL_DIR
     extra = {n: getattr(args, f"{n}_weights") for n in ev.EXTRA_METRICS if getattr(args, f"{n}_weights")}
     try:
-        from flowie.pipeline import Pipeline
+        from engines import EngineConfig, build_pipeline
 
-        pipe = Pipeline.from_model_dir(model_dir, device=args.device)
+        pipe = build_pipeline(model_dir, EngineConfig.for_device(args.device, overrides=args.engine_overrides))
         images = load_images(args.images)
         if args.limit:
             images = images[: args.limit]

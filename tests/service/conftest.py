@@ -44,7 +44,7 @@ def tiny_runner(tiny_model_dir: Path) -> Any:
     """The real Pipeline on the tiny reference model, behind the worker's runner protocol."""
     from service.runner import PipelineRunner
 
-    return PipelineRunner([tiny_model_dir])
+    return PipelineRunner.load([tiny_model_dir])
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""FLOWIE_HOST_MALLOC (service/hostmem.py): with it on, large blocks freed by a computing thread stay
+"""host_malloc (service/hostmem.py): with it on, large blocks freed by a computing thread stay
 in the process and are reused without new page faults; with it off, glibc unmaps them at once."""
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from service import hostmem
-
 ROOT = Path(__file__).resolve().parents[2]
 
 # A thread started after the setting (as the worker's compute thread is) allocates, touches and
@@ -23,7 +21,7 @@ CHILD = """
 import resource, sys, threading
 import numpy as np
 from service import hostmem
-print(hostmem.apply(sys.argv[1], "cpu"))
+print(hostmem.apply(sys.argv[1] == "on"))
 def rss_mib():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS"):
@@ -67,23 +65,18 @@ def test_freed_blocks_of_a_computing_thread_stay_for_reuse_without_page_faults()
     assert faults_on < faults_off / 4, (faults_on, faults_off)
 
 
-@pytest.mark.parametrize("setting, device, expected", [
-    ("auto", "cpu", True), ("auto", None, True), ("auto", "cuda:0", False), ("auto", "cuda", False),
-    ("on", "cuda:1", True), ("off", "cpu", False),
-])
-def test_auto_means_a_process_that_computes_on_the_cpu(setting, device, expected):
-    assert hostmem.wanted(setting, device) is expected
+@pytest.mark.parametrize("device, expected", [("cpu", True), ("cuda:0", False), ("cuda", False)])
+def test_host_malloc_is_on_for_a_process_that_computes_on_the_cpu(device, expected):
+    from engines.config import EngineConfig
+
+    assert EngineConfig.for_device(device).host_malloc is expected
+    assert EngineConfig.for_device(device, overrides="host_malloc=on").host_malloc is True
 
 
-def test_an_unknown_setting_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match="FLOWIE_HOST_MALLOC must be one of auto, on, off"):
-        hostmem.wanted("yes", "cpu")
-
-
-def test_flowie_enhance_refuses_an_unknown_setting_before_it_loads_anything(monkeypatch, capsys, tmp_path):
+def test_flowie_enhance_refuses_a_bad_override_before_it_loads_anything(monkeypatch, capsys, tmp_path):
     from service.cli import main
 
-    monkeypatch.setenv("FLOWIE_HOST_MALLOC", "yes")
+    monkeypatch.setenv("FLOWIE_ENGINE_OVERRIDES", "host_malloc=maybe")
     assert main(["enhance", str(tmp_path / "missing.png"), "-o", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "flowie enhance: FLOWIE_HOST_MALLOC must be one of auto, on, off, got 'yes'" in err
+    assert "flowie enhance: engine override host_malloc='maybe' is not on or off" in err

@@ -6,6 +6,9 @@ import pytest
 from fastapi.testclient import TestClient
 from svc_helpers import FAST, png
 
+from engines import EngineConfig
+from service.settings import load_settings
+
 
 @pytest.fixture(scope="module")
 def two_task_client(tiny_model_dir, tiny_bsr_model_dir, make_settings):
@@ -16,7 +19,7 @@ def two_task_client(tiny_model_dir, tiny_bsr_model_dir, make_settings):
     from service.worker import Worker
 
     settings = make_settings(model_dirs=[tiny_model_dir, tiny_bsr_model_dir])
-    runner = PipelineRunner(settings.model_dirs)
+    runner = PipelineRunner.load(settings.model_dirs)
     queue, metrics = MemoryJobQueue(8, 60), Metrics()
     app = create_app(settings, queue, load_models(settings), worker=Worker(queue, lambda: runner, settings, metrics),
                      metrics=metrics)
@@ -45,20 +48,18 @@ def test_two_model_directories_for_one_task_are_refused(tiny_model_dir, make_set
         load_models(make_settings(model_dirs=[tiny_model_dir, tiny_model_dir]))
 
 
-def test_the_runner_compiles_the_stages_flowie_torch_compile_names(tiny_model_dir):
-    """FLOWIE_TORCH_COMPILE reaches the engines: `on` wraps every stage in torch.compile, a list only
-    the stages it names; `off` compiles none. (Wrapping is lazy: this builds the engines and compiles
-    nothing.)"""
+def test_the_runner_compiles_every_stage_with_torch_compile_or_those_an_override_names(tiny_model_dir):
+    """FLOWIE_TORCH_COMPILE reaches the engines: on wraps every stage in torch.compile, off none;
+    compile_stages names some. (Wrapping is lazy: this builds the engines and compiles nothing.)"""
     from service.runner import PipelineRunner
 
-    def compiled(setting: str) -> set[str]:
-        pipe = PipelineRunner([tiny_model_dir], torch_compile=setting).pipelines["bfr"]
+    def compiled(**settings) -> set[str]:
+        pipe = PipelineRunner.load([tiny_model_dir], load_settings(**settings).engine_config()).pipelines["bfr"]
         return {name for name, engine in pipe.stages.items() if engine.describe()["compile"]}
 
-    assert compiled("on") == {"swinir", "cond_encoder", "flow_unet", "vae_decoder"}
-    assert compiled("off") == set()
-    assert compiled("swinir") == {"swinir"}
-    assert compiled("flow_unet,vae_decoder") == {"flow_unet", "vae_decoder"}
+    assert compiled(torch_compile=True) == {"swinir", "cond_encoder", "flow_unet", "vae_decoder"}
+    assert compiled() == set()
+    assert compiled(engine_overrides="compile_stages=flow_unet+vae_decoder") == {"flow_unet", "vae_decoder"}
 
 
 def test_the_runner_names_a_size_probe_only_when_networks_are_compiled(tiny_model_dir):
@@ -67,31 +68,33 @@ def test_the_runner_names_a_size_probe_only_when_networks_are_compiled(tiny_mode
     that size would be tiled (tiles have the tile's shape). The tiny model tiles above 1 MP."""
     from service.runner import PipelineRunner
 
-    compiled = PipelineRunner([tiny_model_dir], torch_compile="vae_decoder")
+    compiled = PipelineRunner.load([tiny_model_dir], EngineConfig.for_device("cpu", overrides="compile_stages=vae_decoder"))
     assert compiled.shape_probe("bfr", 128, 128) == (192, 256)
     assert compiled.shape_probe("bfr", 960, 896) == (1024, 1024)  # 1 MP: still untiled
     assert compiled.shape_probe("bfr", 960, 960) is None  # 1024 x 1088 would be tiled
-    assert PipelineRunner([tiny_model_dir]).shape_probe("bfr", 128, 128) is None
+    assert PipelineRunner.load([tiny_model_dir]).shape_probe("bfr", 128, 128) is None
 
 
-def test_the_runner_sets_the_tiles_per_call_flowie_tile_batch_names(tiny_model_dir):
+def test_the_runner_s_pipelines_take_the_tiles_per_call_of_the_engine_configuration(tiny_model_dir):
     from service.runner import PipelineRunner
 
-    auto = PipelineRunner([tiny_model_dir]).pipelines["bfr"]
-    assert auto.tile_batch == 0  # by device: on the CPU, up to one official tile's area per call
+    auto = PipelineRunner.load([tiny_model_dir]).pipelines["bfr"]
+    # on the CPU: as many tiles as fill one official 512-pixel tile per call
     assert (auto.tiles_per_call(512), auto.tiles_per_call(128)) == (1, 16)
-    assert PipelineRunner([tiny_model_dir], tile_batch=3).pipelines["bfr"].tile_batch == 3
+    three = PipelineRunner.load([tiny_model_dir], EngineConfig.for_device("cpu", overrides="tile_batch=3"))
+    assert three.pipelines["bfr"].tiles_per_call(128) == 3
+    assert EngineConfig.for_device("cuda").tiles_per_call(128) == 8  # on CUDA 8 whatever the tile
 
 
 def test_the_runner_names_the_tile_size_and_its_rows_per_call_for_the_warm_up_on_cuda_only(tiny_model_dir):
     """Runner.tile_rows: on CUDA, for the model's pixel tile (512 here), the rows a tiled call can hold
-    (FLOWIE_TILE_BATCH); 0 for other sizes and on the CPU (no per-shape cost to warm away there)."""
+    (tile_batch); 0 for other sizes and on the CPU (no per-shape cost to warm away there)."""
     from service.runner import PipelineRunner
 
-    cpu = PipelineRunner([tiny_model_dir], tile_batch=6)
+    cpu = PipelineRunner.load([tiny_model_dir], EngineConfig.for_device("cpu", overrides="tile_batch=6"))
     assert cpu.tile_rows("bfr", 512, 512) == 0
     pipe = cpu.pipelines["bfr"]
-    as_cuda = PipelineRunner.from_pipelines({"bfr": pipe}, "cuda:0")  # the rule only: nothing runs
+    as_cuda = PipelineRunner({"bfr": pipe}, EngineConfig.for_device("cuda:0", overrides="tile_batch=6"))  # the rule only
     assert (pipe.pixel_tile, as_cuda.tile_rows("bfr", 512, 512)) == (512, 6)
     assert as_cuda.tile_rows("bfr", 512, 448) == as_cuda.tile_rows("bfr", 256, 256) == 0
 
@@ -104,29 +107,7 @@ def test_no_tile_rows_when_the_model_s_tiles_differ_by_stage():
     from service.runner import PipelineRunner
 
     demo = Path(__file__).resolve().parents[2] / "models" / "demo"
-    pipe = next(iter(PipelineRunner([demo]).pipelines.values()))
-    as_cuda = PipelineRunner.from_pipelines({"restore": pipe}, "cuda:0")  # the rule only: nothing runs
+    pipe = next(iter(PipelineRunner.load([demo]).pipelines.values()))
+    as_cuda = PipelineRunner({"restore": pipe}, EngineConfig.for_device("cuda:0"))  # the rule only: nothing runs
     assert (pipe.pixel_tile, pipe.latent_tile) == (576, 16)
     assert as_cuda.tile_rows("restore", 576, 576) == 0
-
-
-def test_the_runner_keeps_the_stages_flowie_channels_last_names_in_nhwc(tiny_model_dir):
-    from service.runner import PipelineRunner
-
-    def nhwc(setting: str) -> set[str]:
-        pipe = PipelineRunner([tiny_model_dir], channels_last=setting).pipelines["bfr"]
-        return {name for name, engine in pipe.stages.items() if engine.describe()["channels_last"]}
-
-    assert nhwc("auto") == {"swinir", "cond_encoder", "vae_decoder"}  # on the CPU
-    assert nhwc("off") == set()
-    assert nhwc("flow_unet") == {"flow_unet"}
-
-
-def test_the_runner_asks_for_the_control_stream_on_cuda_only(tiny_model_dir):
-    """FLOWIE_CONTROL_STREAM=true on a CPU worker starts (the setting is for CUDA) with the flag off,
-    instead of the engine's refusal; on CUDA it reaches the flow UNet (tests/test_engines_gpu.py)."""
-    from service.runner import PipelineRunner
-
-    pipe = PipelineRunner([tiny_model_dir], control_stream=True).pipelines["bfr"]
-    assert not any(engine.describe()["control_stream"] for engine in pipe.stages.values())
-    assert not pipe.stages["flow_unet"].module.control_stream

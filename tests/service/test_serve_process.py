@@ -92,6 +92,6 @@ def test_serve_answers_logs_json_and_drains_on_sigterm(tiny_model_dir, tmp_path)
     access = [r for r in records if r.get("logger") == "flowie.service.access" and r.get("path") == "/enhance"]
     assert access and access[0]["request_id"] == "serve-e2e-1" and access[0]["status"] == 200
     host = [r for r in records if r.get("logger") == "flowie.service.host"]
-    assert host and "kept in the process" in host[0]["detail"]  # FLOWIE_HOST_MALLOC=auto on a CPU worker
+    assert host and "kept in the process" in host[0]["detail"]  # host_malloc is on by default on a CPU worker
     text = log_path.read_text()
     assert KEY not in text and "IHDR" not in text  # no keys, no image bytes

@@ -13,7 +13,6 @@ from service.settings import (
     add_settings_arguments,
     load_settings,
     settings_from_args,
-    torch_compile_stages,
     warmup_sizes,
 )
 
@@ -53,17 +52,27 @@ def test_every_command_prints_its_help():
     for name, sub in commands.items():
         text = sub.format_help()
         assert "[env FLOWIE_" in text or name not in ("serve", "api", "worker"), name
-    assert "+11%;" in commands["serve"].format_help()  # a literal % in a description (FLOWIE_HOST_MALLOC)
 
 
-def test_settings_table_in_the_docs_lists_exactly_the_fields():
+def test_the_settings_page_is_the_text_generated_from_the_settings_object():
+    """docs/SETTINGS.md is `python -m service.settings_doc`'s output, to the character."""
     import re
-    from pathlib import Path
 
-    table = (Path(__file__).resolve().parents[2] / "docs" / "SETTINGS.md").read_text()
-    documented = set(re.findall(r"^\| `FLOWIE_([A-Z0-9_]+)`", table, flags=re.M))
-    # Both ways: a field missing from the table, or a documented variable that no field reads.
-    assert documented == {name.upper() for name in Settings.model_fields}
+    from service.settings_doc import DOC_PATH, render
+
+    page = DOC_PATH.read_text()
+    assert page == render(), "docs/SETTINGS.md is stale: run python -m service.settings_doc"
+    documented = re.findall(r"^\| `FLOWIE_([A-Z0-9_]+)`", page, flags=re.M)
+    assert documented == [name.upper() for name in Settings.model_fields]  # every field, in order, once
+
+
+def test_every_setting_has_one_sentence_of_help_without_measurements():
+    import re
+
+    for name, field in Settings.model_fields.items():
+        text = field.description or ""
+        assert text and len(text) <= 200, name
+        assert not re.search(r"\d(\.\d+)?x\b|docs/PERF\.md|H200|H100", text), (name, text)
 
 
 def test_env_vars_are_read_and_flags_win(monkeypatch):
@@ -116,21 +125,20 @@ def test_warmup_is_auto_off_or_a_list_of_sizes(monkeypatch):
             load_settings(warmup=bad)
 
 
-def test_the_control_stream_is_on_by_default_and_can_be_turned_off(monkeypatch):
-    """On an NVIDIA H200 (docs/PERF.md, 2026-11-27) it was never slower: 1.08x BFR at batch 1."""
-    assert load_settings().control_stream is True
-    monkeypatch.setenv("FLOWIE_CONTROL_STREAM", "false")
-    assert load_settings().control_stream is False
-
-
-def test_torch_compile_is_off_on_all_or_a_list_of_stages(monkeypatch):
-    assert load_settings().torch_compile == "off" and torch_compile_stages("off") == ()
-    monkeypatch.setenv("FLOWIE_TORCH_COMPILE", "true")  # earlier releases took a bool
-    assert load_settings().torch_compile == "on"
-    assert torch_compile_stages("on") == ("swinir", "cond_encoder", "flow_unet", "vae_decoder")
-    assert torch_compile_stages("all") == ("swinir", "cond_encoder", "flow_unet", "vae_decoder")
-    assert torch_compile_stages(" Flow_UNet, cond_encoder ") == ("flow_unet", "cond_encoder")
-    assert load_settings(torch_compile=False).torch_compile == "off"
-    assert load_settings(torch_compile="0").torch_compile == "off"
-    with pytest.raises(SettingsError, match=r"FLOWIE_TORCH_COMPILE.*unet is not a stage.*swinir, cond_encoder"):
+def test_torch_compile_is_on_or_off_and_all_still_means_on(monkeypatch):
+    assert load_settings().torch_compile is False and load_settings().engine_config().compile_stages == ()
+    monkeypatch.setenv("FLOWIE_TORCH_COMPILE", "all")
+    assert load_settings().torch_compile is True
+    assert load_settings().engine_config().compile_stages == ("swinir", "cond_encoder", "flow_unet", "vae_decoder")
+    with pytest.raises(SettingsError, match="FLOWIE_TORCH_COMPILE"):
         load_settings(torch_compile="unet,vae_decoder")
+
+
+def test_engine_overrides_are_checked_when_the_settings_load(monkeypatch):
+    assert load_settings(engine_overrides="tile_batch=4, png_compress_level=6").engine_config().tile_batch == 4
+    with pytest.raises(SettingsError, match="FLOWIE_ENGINE_OVERRIDES.*'cuda_graph=off': expected key=value"):
+        load_settings(engine_overrides="cuda_graph=off")
+    with pytest.raises(SettingsError, match="png_compress_level='12' is not a whole number from 0 to 9"):
+        load_settings(engine_overrides="png_compress_level=12")
+    with pytest.raises(SettingsError, match="cuda_graphs=on needs a CUDA device"):
+        load_settings(engine_overrides="cuda_graphs=on").engine_config()  # the device decides: at resolve time

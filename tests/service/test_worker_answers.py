@@ -1,4 +1,4 @@
-"""The worker's answers: encoded and stored while the next batch computes (FLOWIE_ENCODE_OVERLAP),
+"""The worker's answers: encoded and stored while the next batch computes (encode_overlap),
 one batch behind at most, kept alive by heartbeats meanwhile, stored before the worker leaves, and
 a job whose answer cannot be encoded fails alone."""
 
@@ -48,7 +48,7 @@ def test_the_next_batch_computes_while_the_previous_answers_are_encoded(tiny_run
         return encode_image(image, fmt, quality, level)
 
     encode_with(monkeypatch, encode_spy)
-    settings = make_settings(max_batch=1, max_wait_ms=0.0, encode_overlap="on" if overlap else "off")
+    settings = make_settings(max_batch=1, max_wait_ms=0.0, engine_overrides=f"encode_overlap={'on' if overlap else 'off'}")
     queue = MemoryJobQueue(16, 60)
     compute_threads: list[str] = []
 
@@ -100,7 +100,7 @@ def test_the_next_batchs_uploads_do_not_wait_behind_the_previous_answers(tiny_ru
         return encode_image(image, fmt, quality, level)
 
     encode_with(monkeypatch, encode_spy)
-    settings = make_settings(max_batch=2, max_wait_ms=0.0, encode_overlap="on", codec_threads=2)
+    settings = make_settings(max_batch=2, max_wait_ms=0.0, engine_overrides="encode_overlap=on,codec_threads=2")
     queue = MemoryJobQueue(16, 60)
     runner = Recording(tiny_runner, on_batch=lambda: len(runner.batches) == 2 and second_started.set())
     worker = Worker(queue, lambda: runner, settings, Metrics())
@@ -120,10 +120,11 @@ def test_the_next_batchs_uploads_do_not_wait_behind_the_previous_answers(tiny_ru
     assert encode_waits[:2] == [True, True]  # the next batch started while both were held
 
 
-@pytest.mark.parametrize(("setting", "device", "expected"), [
-    ("auto", "cuda:0", True), ("auto", "cpu", False), ("on", "cpu", True), ("off", "cuda:1", False)])
-def test_answers_overlap_by_default_only_on_a_gpu(make_settings, setting, device, expected):
-    settings = make_settings(encode_overlap=setting, device=device)
+@pytest.mark.parametrize(("overrides", "device", "expected"), [
+    ("", "cuda:0", True), ("", "cpu", False), ("encode_overlap=on", "cpu", True),
+    ("encode_overlap=off", "cuda:1", False)])
+def test_answers_overlap_by_default_only_on_a_gpu(make_settings, overrides, device, expected):
+    settings = make_settings(engine_overrides=overrides, device=device)
     assert Worker(MemoryJobQueue(4, 60), lambda: None, settings, Metrics())._overlap is expected
 
 
@@ -135,7 +136,7 @@ def test_a_job_whose_answer_cannot_be_encoded_fails_alone(tiny_runner, make_sett
         return encode_image(image, fmt, quality, level)
 
     encode_with(monkeypatch, encode_or_fail)
-    settings = make_settings(max_batch=2, max_wait_ms=300.0, encode_overlap="on" if overlap else "off")
+    settings = make_settings(max_batch=2, max_wait_ms=300.0, engine_overrides=f"encode_overlap={'on' if overlap else 'off'}")
     queue = MemoryJobQueue(16, 60)
     runner = Recording(tiny_runner)
     worker = Worker(queue, lambda: runner, settings, Metrics())
@@ -166,7 +167,7 @@ def test_stop_stores_the_answers_in_flight_before_leaving(tiny_runner, make_sett
         return encode_image(image, fmt, quality, level)
 
     encode_with(monkeypatch, slow_encode)
-    settings = make_settings(max_batch=1, max_wait_ms=0.0, encode_overlap="on")
+    settings = make_settings(max_batch=1, max_wait_ms=0.0, engine_overrides="encode_overlap=on")
     queue = MemoryJobQueue(16, 60)
     job = make_job(90, 90)
     holder: dict[str, Worker] = {}
@@ -198,7 +199,7 @@ def test_an_error_storing_answers_stops_the_loop_and_says_so(tiny_runner, make_s
         async def finish(self, delivery, result):
             raise RuntimeError("store broke")
 
-    settings = make_settings(max_batch=1, max_wait_ms=0.0, encode_overlap="on")
+    settings = make_settings(max_batch=1, max_wait_ms=0.0, engine_overrides="encode_overlap=on")
     queue = BrokenFinish(16, 60)
     worker = Worker(queue, lambda: tiny_runner, settings, Metrics())
 
@@ -215,7 +216,7 @@ def test_on_redis_a_backlog_of_several_batches_is_answered_with_the_answers_over
         redis_server, tiny_runner, make_settings):
     """The answers' task stores results on the Redis queue while the loop takes, checks and computes
     the next batch: every job ends done with its own image, and every entry is acknowledged."""
-    settings = make_settings(max_batch=2, max_wait_ms=0.0, encode_overlap="on")
+    settings = make_settings(max_batch=2, max_wait_ms=0.0, engine_overrides="encode_overlap=on")
     api, queue = redis_pair(redis_server, "w" + uuid.uuid4().hex[:8])
     worker, runner, metrics = recording_worker(queue, tiny_runner, settings)
     # Three groups of two (different samplers or work sizes): three batches, one behind the other.

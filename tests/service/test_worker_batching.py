@@ -80,7 +80,7 @@ def test_a_batch_is_encoded_on_the_codec_threads_each_job_in_its_own_format(tiny
 
     monkeypatch.setattr(png, "deflate_band", spy(png.deflate_band))  # PNG answers: one band each here
     monkeypatch.setattr(imaging, "encode_image", spy(imaging.encode_image))  # the JPEG one
-    settings = make_settings(max_batch=3, max_wait_ms=300.0, png_compress_level=9, codec_threads=2)
+    settings = make_settings(max_batch=3, max_wait_ms=300.0, engine_overrides="png_compress_level=9,codec_threads=2")
     queue, metrics = MemoryJobQueue(16, 60), Metrics()
     worker = Worker(queue, lambda: tiny_runner, settings, metrics)
     jobs = [make_job(90, 90), make_job(90, 90), make_job(90, 90)]
@@ -452,7 +452,7 @@ def test_on_redis_a_job_cancelled_while_queued_is_never_delivered(redis_server, 
 def test_on_redis_a_lone_job_cancelled_as_its_compute_starts_keeps_the_cancelled_result(
         redis_server, tiny_runner, make_settings, overlap):
     """A lone job's check travels alongside its compute: a cancel of that instant drops the output."""
-    settings = make_settings(max_batch=4, max_wait_ms=LONG_WINDOW_MS, encode_overlap=overlap)
+    settings = make_settings(max_batch=4, max_wait_ms=LONG_WINDOW_MS, engine_overrides=f"encode_overlap={overlap}")
     lone = make_job(90, 90)
     api, queue = cancel_at_begin_pair(redis_server, lone.id)
     worker, runner, metrics = recording_worker(queue, tiny_runner, settings)

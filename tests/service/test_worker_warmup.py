@@ -43,7 +43,7 @@ def test_the_worker_warms_up_every_batch_size_before_it_reports_ready(tiny_runne
 
 
 def test_the_warm_up_runs_a_large_image_s_tile_size_up_to_the_tiles_per_call(tiny_runner, make_settings):
-    """On CUDA a tiled image's network calls stack up to FLOWIE_TILE_BATCH tiles: shapes of a batch of
+    """On CUDA a tiled image's network calls stack up to tile_batch tiles: shapes of a batch of
     that many tile-sized images, each new one a cuDNN search and a graph capture. The runner says so
     for the tile size (here 128x128 stands in for it, with 3 rows per call); other sizes stop at
     max_batch."""
@@ -87,9 +87,10 @@ def test_after_the_warm_up_a_compiled_stage_takes_new_image_sizes_without_compil
     it never saw: dynamo compiles nothing more (each compile of a full-size stage costs minutes)."""
     from torch._dynamo.utils import counters
 
+    from engines import EngineConfig
     from service.runner import PipelineRunner
 
-    compiled = PipelineRunner([tiny_model_dir], torch_compile="cond_encoder")
+    compiled = PipelineRunner.load([tiny_model_dir], EngineConfig.for_device("cpu", overrides="compile_stages=cond_encoder"))
     assert compiled.shape_probe("bfr", 128, 128) == (192, 256)
     settings = make_settings(max_batch=2, max_wait_ms=50.0, warmup="128x128")
     queue = MemoryJobQueue(16, 60)

@@ -35,6 +35,9 @@ class Recording:
     def shape_probe(self, task, height, width):
         return self.runner.shape_probe(task, height, width)
 
+    def warmup_done(self):
+        self.runner.warmup_done()
+
     def enhance(self, task, images, params, seeds):
         self.batches.append((params.sampler, [image.shape[:2] for image in images], list(seeds)))
         if self.on_batch:
