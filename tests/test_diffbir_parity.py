@@ -11,7 +11,6 @@ within 1 level on >= 99.9 % of values.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, convert_fixture, require_path
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -28,15 +26,13 @@ from flowie.modeldir import read_model_dir
 from flowie.params import EnhanceParams, ParamError
 from flowie.pipeline import Pipeline
 
-DEFAULT_DIFFBIR_FIXTURE = ROOT.parent / "shared" / "reference" / "tiny_diffbir_v1"
 MAX_OFF_FRACTION = 0.001
 STEP_TENSORS = ("x_in", "eps", "pred_x0", "mean", "noise", "x_out")
 
 
 @pytest.fixture(scope="module")
-def fixture() -> Path:
-    path = Path(os.environ.get("FLOWIE_DIFFBIR_FIXTURE", str(DEFAULT_DIFFBIR_FIXTURE)))
-    return require_path(path, "DiffBIR reference fixture (FLOWIE_DIFFBIR_FIXTURE)")
+def fixture(diffbir_fixture_dir) -> Path:
+    return diffbir_fixture_dir
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -51,8 +47,8 @@ def _exact_float32_one_thread():
 
 
 @pytest.fixture(scope="module")
-def model_dir(fixture, tmp_path_factory) -> Path:
-    return convert_fixture(fixture, tmp_path_factory.mktemp("tiny_diffbir_model"))
+def model_dir(tiny_diffbir_model_dir) -> Path:
+    return tiny_diffbir_model_dir
 
 
 @pytest.fixture(scope="module")
