@@ -3,7 +3,9 @@
 Strict about the official layout (every inference key present, right shapes, nothing
 unexplained left over), tolerant of its relatives: no LoRA, no ``cond_encoder`` (the
 first-stage encoder stands in), a diffusers-named VAE (the official BSR model), or a VAE
-supplied separately with ``vae_path``.
+supplied separately with ``vae_path``. DiffBIR v1 (``model.cldm.ControlLDM``) checkpoints
+are the same networks without LoRA, served as a diffusion model (family ``diffbir``); its
+stage 1 can be replaced by a separate SwinIR file (``swinir``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ SCHEDULE_BUFFERS = frozenset(
 # Official BFR sampler: Euler over these, returning x_T + v at index 3 (mean-value sampling).
 OFFICIAL_BFR_TIMESTEPS = [999, 799, 599, 399, 199]
 OFFICIAL_BSR_T = 400.0
+# Official DiffBIR v1: 50 respaced DDPM steps (the README's commands), wavelet colour fix.
+DIFFBIR_DEFAULT_STEPS = 50
+DIFFBIR_TARGET = "model.cldm.ControlLDM"
 
 
 class ConversionError(ValueError):
@@ -55,6 +60,9 @@ class ModelSpec:
     hint_source: str
     hint_scale: float
     control_scales: list[float] = field(default_factory=list)
+    family: str = "flowie"  # "flowie" (rectified flow) or "diffbir" (DDPM, DiffBIR v1)
+    prediction: str = "v"  # what the UNet outputs: "v" (flow velocity / DDPM v) or "eps"
+    schedule: dict = field(default_factory=dict)  # DDPM training schedule (diffusion.Schedule)
 
 
 @dataclass
@@ -72,7 +80,7 @@ class ConversionReport:
 
 
 def load_config(config: str | Path | dict) -> dict:
-    """A preset name (bfr_v1, bsr_v1), a YAML path in the official format, or a dict."""
+    """A preset name (bfr_v1, bsr_v1, diffbir_*_v1), a YAML path in the official format, or a dict."""
     if isinstance(config, dict):
         return config
     if str(config) in PRESETS:
@@ -115,8 +123,9 @@ def _unet_from(params: dict) -> UNetConfig:
 def parse_config(config: dict, task: str | None = None) -> ModelSpec:
     params = config["params"]
     target = str(config.get("target", ""))
+    family = "diffbir" if target == DIFFBIR_TARGET else "flowie"
     if task is None:
-        task = "bsr" if "cldm_bsr" in target else "bfr"
+        task = "diffbir" if family == "diffbir" else "bsr" if "cldm_bsr" in target else "bfr"
     ctrl = _unet_from(params["control_stage_config"]["params"])
     unet = _unet_from(params["unet_config"]["params"])
     if {**ctrl.to_dict(), "hint_channels": 0} != {**unet.to_dict(), "hint_channels": 0}:
@@ -126,7 +135,17 @@ def parse_config(config: dict, task: str | None = None) -> ModelSpec:
         raise ConversionError("VAEs with attention inside the resolution levels are not supported")
     vae = VaeConfig.from_dict({**dd, "embed_dim": params["first_stage_config"]["params"].get("embed_dim", 4)})
     scale = float(params.get("scale_factor", 0.18215))
-    official_bsr = task == "bsr"
+    official_bsr = task == "bsr" and family == "flowie"
+    prediction = "v"
+    if family == "diffbir":
+        prediction = str(params.get("parameterization", "eps"))
+        if prediction not in ("eps", "v"):
+            raise ConversionError(f"parameterization {prediction!r} is not supported (eps or v)")
+        if params.get("beta_schedule", "linear") != "linear":
+            raise ConversionError(f"beta_schedule {params['beta_schedule']!r} is not supported (linear)")
+    schedule = {"num_timesteps": int(params.get("timesteps", 1000)),
+                "linear_start": float(params.get("linear_start", 0.00085)),
+                "linear_end": float(params.get("linear_end", 0.012)), "beta_schedule": "linear"}
     return ModelSpec(
         task=task,
         swinir=_swinir_from(params["preprocess_config"]["params"]),
@@ -137,6 +156,9 @@ def parse_config(config: dict, task: str | None = None) -> ModelSpec:
         hint_source="first_stage" if official_bsr else "cond_encoder",
         hint_scale=1.0 if official_bsr else scale,
         control_scales=[1.0] * unet.num_controls,
+        family=family,
+        prediction=prediction,
+        schedule=schedule,
     )
 
 
@@ -260,7 +282,8 @@ def map_checkpoint(sd: dict[str, torch.Tensor], spec: ModelSpec, report: Convers
     leftovers = []
     for key in sd:
         if key in SCHEDULE_BUFFERS:
-            report.ignore("diffusion schedule buffers (unused by rectified flow)")
+            report.ignore("diffusion schedule buffers (unused by rectified flow)" if spec.family == "flowie" else
+                          "diffusion schedule buffers (the sampler recomputes them in float64 from model.json)")
         elif key.startswith("cond_stage_model."):
             report.ignore("cond_stage_model.* (text encoder; the null context comes from --null-context)")
         elif key.startswith("model_ema."):
@@ -313,7 +336,7 @@ def map_checkpoint(sd: dict[str, torch.Tensor], spec: ModelSpec, report: Convers
     has_lora = any(".lora_down." in k for k in unet_sub)
     if has_lora:
         unet_sub = _merge_lora(unet_sub, report)
-    elif spec.lora_rank and spec.task == "bfr":
+    elif spec.lora_rank and spec.task == "bfr" and spec.family == "flowie":
         report.notes.append("config names a LoRA rank but the checkpoint has no LoRA factors: using the base UNet")
     unet = _remap(unet_sub, keymap.unet_map(spec.unet), "model.diffusion_model")
     control_sub = _take(sd, "control_model.")
@@ -349,10 +372,13 @@ def check_against_modules(stages: dict[str, dict[str, torch.Tensor]], modules: d
 
 
 def model_meta(spec: ModelSpec, null_context_shape: tuple[int, ...], source: dict) -> dict:
-    official_bsr = spec.task == "bsr"
-    return {
+    official_bsr = spec.task == "bsr" and spec.family == "flowie"
+    meta = {
         "task": spec.task,
-        "name": source.get("name", f"flowie-{spec.task}"),
+        "name": source.get("name", spec.task if spec.task == spec.family else f"{spec.family}-{spec.task}"),
+        "family": spec.family,
+        "prediction": spec.prediction,
+        "schedule": spec.schedule,
         "scale_factor": spec.scale_factor,
         "stages": {
             "swinir": spec.swinir.to_dict(),
@@ -380,11 +406,37 @@ def model_meta(spec: ModelSpec, null_context_shape: tuple[int, ...], source: dic
         "tiling": {"latent_tile": 64, "latent_stride": 56, "max_untiled_pixels": 1024 * 1024},
         "source": source,
     }
+    if spec.family == "diffbir":
+        # Official inference.py: --steps 50 (README), wavelet, sr_scale 1, auto_resize to 512.
+        meta["defaults"].update({"sampler": "ddpm", "steps": DIFFBIR_DEFAULT_STEPS})
+        meta["sampler_config"] = {}
+    return meta
+
+
+def replace_swinir(sd: dict[str, torch.Tensor], swinir_sd: dict[str, torch.Tensor], report: ConversionReport
+                   ) -> dict[str, torch.Tensor]:
+    """``preprocess_model.*`` replaced by a separate SwinIR file (DiffBIR's ``--reload_swinir``).
+
+    The file holds bare SwinIR keys (``module.`` or ``preprocess_model.`` prefixes are removed).
+    """
+    bare = {}
+    for key, value in swinir_sd.items():
+        for prefix in ("module.", "preprocess_model."):
+            key = key.removeprefix(prefix)
+        bare[key] = value
+    if not any(k.startswith(("conv_first.", "layers.")) for k in bare):
+        raise ConversionError("the --swinir file holds no SwinIR keys (conv_first.*, layers.*)")
+    replaced = [k for k in sd if k.startswith("preprocess_model.")]
+    if replaced:
+        report.ignored["preprocess_model.* (replaced by the --swinir file)"] = len(replaced)
+    out = {k: v for k, v in sd.items() if not k.startswith("preprocess_model.")}
+    out.update({"preprocess_model." + k: v for k, v in bare.items()})
+    return out
 
 
 def convert(checkpoint: str | Path, config: str | Path | dict, out_dir: str | Path, null_context: str | Path,
             task: str | None = None, vae: str | Path | None = None, name: str | None = None,
-            progress: Callable[[str], None] | None = None) -> ConversionReport:
+            progress: Callable[[str], None] | None = None, swinir: str | Path | None = None) -> ConversionReport:
     """Convert an official checkpoint into ``out_dir``; returns what was used and ignored."""
     from flowie.model import build_stages  # imported here: builds networks, heavy
 
@@ -399,6 +451,9 @@ def convert(checkpoint: str | Path, config: str | Path | dict, out_dir: str | Pa
             f"null context width {context.shape[-1]} != the UNet's context_dim {spec.unet.context_dim}"
         )
     report = ConversionReport()
+    if swinir:
+        say(f"reading stage 1 from {swinir}")
+        sd = replace_swinir(sd, load_checkpoint(swinir), report)
     say("mapping keys and merging LoRA")
     stages = map_checkpoint(sd, spec, report, vae_sd=vae_sd)
     say("checking shapes against the networks")
@@ -411,8 +466,10 @@ def convert(checkpoint: str | Path, config: str | Path | dict, out_dir: str | Pa
         "sha256": file_sha256(checkpoint),
         "config": str(config) if not isinstance(config, dict) else "dict",
         "null_context_sha256": file_sha256(null_context),
-        "name": name or f"flowie-{spec.task}",
+        "name": name or (spec.task if spec.task == spec.family else f"{spec.family}-{spec.task}"),
     }
+    if swinir:
+        source.update({"swinir": Path(swinir).name, "swinir_sha256": file_sha256(swinir)})
     for stage, tensors in stages.items():
         say(f"writing {stage}.safetensors ({len(tensors)} tensors)")
         save_file({k: v.to(torch.float32).contiguous() for k, v in tensors.items()}, str(out / f"{stage}.safetensors"),

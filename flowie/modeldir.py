@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from flowie.params import FAMILY_SAMPLERS
+
 FORMAT_VERSION = 1
 WEIGHT_FILES = ("swinir", "cond_encoder", "flow_unet", "vae_decoder", "null_context")
 
@@ -40,6 +42,20 @@ class ModelInfo:
     @property
     def name(self) -> str:
         return str(self.meta.get("name", self.path.name))
+
+    @property
+    def family(self) -> str:
+        """"flowie" (rectified flow) or "diffbir" (DDPM); directories written before families were named are flowie."""
+        return str(self.meta.get("family", "flowie"))
+
+    @property
+    def prediction(self) -> str:
+        """What the flow_unet stage outputs: "v" (flow velocity, or DDPM v) or "eps"."""
+        return str(self.meta.get("prediction", "v"))
+
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        return FAMILY_SAMPLERS.get(self.family, ())
 
     @property
     def defaults(self) -> dict:

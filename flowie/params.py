@@ -5,11 +5,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-Sampler = Literal["mean_value", "euler", "one_step", "restore_only"]
+Sampler = Literal["mean_value", "euler", "one_step", "ddpm", "ddim", "dpm_solver", "restore_only"]
 ColorFix = Literal["wavelet", "adain", "none"]
 TileMode = Literal["auto", "on", "off"]
 
-SAMPLERS: tuple[str, ...] = ("mean_value", "euler", "one_step", "restore_only")
+SAMPLERS: tuple[str, ...] = ("mean_value", "euler", "one_step", "ddpm", "ddim", "dpm_solver", "restore_only")
+# Which samplers fit which kind of model (model.json "family"): flow samplers read the network's
+# output as a velocity, diffusion samplers as eps or v of a DDPM; restore_only runs SwinIR alone.
+FAMILY_SAMPLERS: dict[str, tuple[str, ...]] = {
+    "flowie": ("mean_value", "euler", "one_step", "restore_only"),
+    "diffbir": ("ddpm", "ddim", "dpm_solver", "restore_only"),
+}
 COLOR_FIXES: tuple[str, ...] = ("wavelet", "adain", "none")
 TILE_MODES: tuple[str, ...] = ("auto", "on", "off")
 
@@ -48,6 +54,16 @@ class EnhanceParams:
             raise ParamError(f"min_side must be between 0 and 4096, got {self.min_side}")
         if self.seed is not None and not (0 <= int(self.seed) < 2**63):
             raise ParamError(f"seed must be between 0 and 2**63-1, got {self.seed}")
+        return self
+
+    def check_family(self, family: str) -> EnhanceParams:
+        """Refuse a sampler the model's family cannot run, naming the ones it can."""
+        allowed = FAMILY_SAMPLERS.get(family)
+        if allowed is None:
+            raise ParamError(f"unknown model family {family!r}; expected one of {', '.join(FAMILY_SAMPLERS)}")
+        if self.sampler is not None and self.sampler not in allowed:
+            raise ParamError(f"sampler {self.sampler!r} does not fit this {family} model; it supports "
+                             f"{', '.join(allowed)}")
         return self
 
     def with_defaults(self, defaults: dict) -> EnhanceParams:

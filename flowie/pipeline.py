@@ -1,5 +1,8 @@
 """The FlowIE pipeline: SwinIR -> condition latent -> few-step flow -> VAE decode -> colour fix.
 
+DiffBIR v1 models (model.json ``family: diffbir``) run the same stages with a diffusion sampler
+(flowie.diffusion) in place of the flow sampler; the flow_unet stage then outputs eps or v.
+
 Stages are plain callables taking their StageSpec inputs positionally and returning one
 tensor, so torch modules, ONNX Runtime sessions and TensorRT engines all plug in (the
 ``engines`` package adapts them). Batch-first: every stage runs once per batch.
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from flowie import imageops, samplers, tiling
+from flowie import diffusion, imageops, samplers, tiling
 from flowie.colorfix import color_fix_, wavelet_fix_rows
 from flowie.modeldir import ModelInfo
 from flowie.params import EnhanceParams
@@ -127,7 +130,7 @@ class Pipeline:
     # ------------------------------------------------------------------ public API
 
     def resolve(self, params: EnhanceParams) -> EnhanceParams:
-        return params.with_defaults(self.info.defaults).validate()
+        return params.with_defaults(self.info.defaults).validate().check_family(self.info.family)
 
     def plan(self, h: int, w: int, params: EnhanceParams) -> imageops.ResizePlan:
         """Resize plan of an h x w image; tiny images get extra zero padding (cropped afterwards)."""
@@ -141,11 +144,13 @@ class Pipeline:
 
     def enhance(self, images: Sequence[np.ndarray], params: EnhanceParams, seeds: Sequence[int] | None = None,
                 noise: torch.Tensor | None = None, on_step: Callable[[int, int], None] | None = None,
-                keep_restored: bool = True) -> list[EnhanceResult]:
+                keep_restored: bool = True, step_noise: torch.Tensor | None = None) -> list[EnhanceResult]:
         """Restore uint8 HWC RGB images. Images of different padded sizes run as separate batches.
 
         seeds: one per image (``params.seed`` or random when absent). noise: [N,4,h,w] initial
-        latents, row i for image i (overrides seeds; for exact reproducibility). keep_restored:
+        latents, row i for image i (overrides seeds; for exact reproducibility). step_noise:
+        [steps,N,4,h,w], the tensor each ``ddpm`` step draws (diffusion models; default: drawn from
+        the image's seeded generator after x_T, as the official code draws it). keep_restored:
         also return the stage-1 image (``EnhanceResult.restored``; None otherwise). The service
         does not send it, so it skips converting and resizing it.
         """
@@ -166,7 +171,8 @@ class Pipeline:
                 i = idx[0]
                 work = imageops.prepare(images[i], plans[i])
                 streamed = self.run_streamed(work, p, int(seeds[i]), noise[i:i + 1] if noise is not None else None,
-                                             on_step=on_step, keep_restored=keep_restored)
+                                             on_step=on_step, keep_restored=keep_restored,
+                                             step_noise=step_noise[:, i:i + 1] if step_noise is not None else None)
                 del work
                 restored = imageops.finish(streamed.restored, plans[i]) if streamed.restored is not None else None
                 results[i] = EnhanceResult(image=imageops.finish(streamed.image, plans[i]), restored=restored,
@@ -175,7 +181,8 @@ class Pipeline:
                 continue
             lq = imageops.images_to_tensor([imageops.prepare(images[i], plans[i]) for i in idx], self.device)
             batch_noise = noise[idx] if noise is not None else None
-            out = self.run_batch(lq, p, [int(seeds[i]) for i in idx], batch_noise, on_step=on_step)
+            out = self.run_batch(lq, p, [int(seeds[i]) for i in idx], batch_noise, on_step=on_step,
+                                 step_noise=step_noise[:, idx] if step_noise is not None else None)
             final = imageops.tensor_to_uint8(out.image)
             stage1 = imageops.tensor_to_uint8(out.restored) if keep_restored else None
             total = time.perf_counter() - start
@@ -192,8 +199,8 @@ class Pipeline:
     # ------------------------------------------------------------------ the algorithm
 
     def run_batch(self, lq: torch.Tensor, params: EnhanceParams, seeds: Sequence[int] | None = None,
-                  noise: torch.Tensor | None = None, on_step: Callable[[int, int], None] | None = None
-                  ) -> BatchOutput:
+                  noise: torch.Tensor | None = None, on_step: Callable[[int, int], None] | None = None,
+                  step_noise: torch.Tensor | None = None) -> BatchOutput:
         """lq [B,3,H,W] in [0,1], H and W multiples of 64 -> float outputs. ``params`` resolved."""
         p = self.resolve(params)
         b, _, h, w = lq.shape
@@ -209,10 +216,10 @@ class Pipeline:
 
         c_latent = self._timed("cond_encoder", timings,
                                lambda: self._pixels_to_latent(self.stages["cond_encoder"], restored, tiled))
-        x_T = self._initial_noise((b, 4, h // 8, w // 8), seeds, noise)
+        x_T, noise_fn = self._noise((b, 4, h // 8, w // 8), seeds, noise, step_noise)
         context = self.null_context.expand(b, -1, -1)
         velocity = self._velocity(c_latent, context, tiled)
-        latent = self._timed("flow_unet", timings, lambda: self._sample(velocity, x_T, p, on_step))
+        latent = self._timed("flow_unet", timings, lambda: self._sample(velocity, x_T, p, on_step, noise_fn))
         decoded = self._timed("vae_decoder", timings,
                               lambda: self._latent_to_pixels(self.stages["vae_decoder"], latent, tiled))
         image = self._timed("colour_fix", timings, lambda: self._color_fix_in_place(p.color_fix, decoded, restored))
@@ -229,7 +236,7 @@ class Pipeline:
 
     def run_streamed(self, work: np.ndarray, params: EnhanceParams, seed: int | None = None,
                      noise: torch.Tensor | None = None, on_step: Callable[[int, int], None] | None = None,
-                     keep_restored: bool = False) -> StreamedOutput:
+                     keep_restored: bool = False, step_noise: torch.Tensor | None = None) -> StreamedOutput:
         """One padded uint8 HWC image -> uint8 outputs, holding nothing image-sized in float.
 
         The same algorithm as :meth:`run_batch` on tiles, and the same bits (the tests compare
@@ -271,9 +278,9 @@ class Pipeline:
                                       timings=timings)
             c_latent = self._timed("cond_encoder", timings, lambda: self._pixels_to_latent(
                 self.stages["cond_encoder"], restored, tiled=True))  # tiles read back from the store
-            x_T = self._initial_noise((1, 4, h // 8, w // 8), None if seed is None else [seed], noise)
+            x_T, noise_fn = self._noise((1, 4, h // 8, w // 8), None if seed is None else [seed], noise, step_noise)
             velocity = self._velocity(c_latent, self.null_context.expand(1, -1, -1), tiled=True)
-            latent = self._timed("flow_unet", timings, lambda: self._sample(velocity, x_T, p, on_step))
+            latent = self._timed("flow_unet", timings, lambda: self._sample(velocity, x_T, p, on_step, noise_fn))
             image = np.empty((h, w, 3), dtype=np.uint8)
             decoder_seconds = [0.0]
 
@@ -305,6 +312,23 @@ class Pipeline:
             stage1 = _store_to_uint8(restored) if keep_restored else None
         return StreamedOutput(image=image, restored=stage1, latent=latent, timings=timings)
 
+    def _noise(self, shape: tuple[int, ...], seeds: Sequence[int] | None, noise: torch.Tensor | None,
+               step_noise: torch.Tensor | None) -> tuple[torch.Tensor, diffusion.NoiseFn | None]:
+        """x_T and, for diffusion models, the per-step noise: given, or drawn from each image's
+        seeded generator after its x_T (the official order of draws)."""
+        if self.info.family != "diffbir":
+            return self._initial_noise(shape, seeds, noise), None
+        if step_noise is not None:
+            expected = tuple(shape)
+            if tuple(step_noise.shape[1:]) != expected:
+                raise ValueError(f"step noise has shape {tuple(step_noise.shape)}, expected [steps, *{expected}]")
+            return self._initial_noise(shape, seeds, noise), diffusion.given_noise(step_noise, self.device)
+        if seeds is None:
+            raise ValueError("a diffusion sampler needs seeds or step noise")
+        seeded = diffusion.SeededNoise(seeds, shape, self.device)
+        x_T = seeded.draw()
+        return (self._initial_noise(shape, seeds, noise) if noise is not None else x_T), seeded
+
     def _initial_noise(self, shape: tuple[int, ...], seeds: Sequence[int] | None, noise: torch.Tensor | None
                        ) -> torch.Tensor:
         if noise is None:
@@ -323,7 +347,9 @@ class Pipeline:
         # and nothing reads it afterwards, so fixing it in place adds no image-sized buffer.
         return color_fix_(kind, decoded, restored)
 
-    def _sample(self, velocity, x_T, p: EnhanceParams, on_step) -> torch.Tensor:
+    def _sample(self, velocity, x_T, p: EnhanceParams, on_step, noise_fn=None) -> torch.Tensor:
+        if self.info.family == "diffbir":
+            return _diffusion_sample(velocity, x_T, p, self.info, on_step, noise_fn)
         cfg = self.sampler_config
         if p.sampler == "mean_value":
             mv = cfg.get("mean_value", {})
@@ -399,6 +425,19 @@ class Pipeline:
         self._sync()
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
         return out
+
+
+def _diffusion_sample(model, x_T, p: EnhanceParams, info: ModelInfo, on_step, noise_fn) -> torch.Tensor:
+    """Dispatch a diffusion sampler (``p`` resolved): the network output is eps or v (model.json)."""
+    schedule = diffusion.Schedule.from_dict(info.meta.get("schedule", {}))
+    steps, prediction = int(p.steps), info.prediction
+    if p.sampler == "ddpm":
+        return diffusion.ddpm(model, x_T, steps, noise_fn, prediction, schedule, on_step=on_step)
+    if p.sampler == "ddim":
+        return diffusion.ddim(model, x_T, steps, prediction, schedule, on_step=on_step)
+    if p.sampler == "dpm_solver":
+        return diffusion.dpm_solver(model, x_T, steps, prediction, schedule, on_step=on_step)
+    raise ValueError(f"unknown diffusion sampler {p.sampler!r}")
 
 
 class _Uint8Rows:

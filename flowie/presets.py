@@ -3,6 +3,9 @@
 `bfr_v1` is the official ``configs/model/cldm.yaml`` (blind face restoration);
 `bsr_v1` is ``configs/model/cldm_bsr_eval.yaml`` (blind super-resolution: no LoRA, no
 cond_encoder, a diffusers-named sd-vae-ft-ema first stage).
+`diffbir_face_v1` / `diffbir_general_v1` are DiffBIR v1's ``configs/model/cldm.yaml``
+(``model.cldm.ControlLDM``: the same networks, no LoRA, an eps-prediction DDPM); the two
+checkpoints share it (the general one is meant to get ``--swinir general_swinir_v1.ckpt``).
 """
 
 from __future__ import annotations
@@ -86,4 +89,11 @@ BSR_V1["params"]["first_stage_config"] = {
     "params": {"embed_dim": 4, "ddconfig": dict(_DDCONFIG)},
 }
 
-PRESETS: dict[str, dict] = {"bfr_v1": BFR_V1, "bsr_v1": BSR_V1}
+DIFFBIR_V1 = copy.deepcopy(BFR_V1)
+DIFFBIR_V1["target"] = "model.cldm.ControlLDM"
+del DIFFBIR_V1["params"]["lora_rank"]
+DIFFBIR_V1["params"].update({"linear_start": 0.00085, "linear_end": 0.012})
+del DIFFBIR_V1["params"]["first_stage_config"]["use_fp16"]
+
+PRESETS: dict[str, dict] = {"bfr_v1": BFR_V1, "bsr_v1": BSR_V1, "diffbir_face_v1": DIFFBIR_V1,
+                            "diffbir_general_v1": DIFFBIR_V1}

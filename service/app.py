@@ -399,7 +399,7 @@ def create_app(settings: Settings, queue: JobQueue, models: dict[str, ModelInfo]
         params = EnhanceParams(sampler=fields.sampler, steps=fields.steps, color_fix=fields.color_fix,
                                upscale=fields.upscale, min_side=fields.min_side, tile=fields.tile,
                                seed=fields.seed).validate()
-        params = params.with_defaults(models[task].defaults)
+        params = params.with_defaults(models[task].defaults).check_family(models[task].family)
         if params.seed is None:
             params = EnhanceParams(**{**asdict(params), "seed": secrets.randbelow(2**31)})
         params = params.validate()
@@ -558,7 +558,8 @@ def create_app(settings: Settings, queue: JobQueue, models: dict[str, ModelInfo]
              response_model=ModelsResponse)
     async def list_models() -> ModelsResponse:
         return ModelsResponse(
-            models=[ModelEntry(task=t, name=m.name, defaults=m.defaults, scale_factor=m.scale_factor)
+            models=[ModelEntry(task=t, name=m.name, defaults=m.defaults, scale_factor=m.scale_factor,
+                               family=m.family, samplers=list(m.samplers))
                     for t, m in models.items()],
             default_task=default_task,
             limits={"max_upload_bytes": settings.max_upload_bytes, "max_pixels": settings.max_pixels,

@@ -31,9 +31,10 @@ class EnhanceFields(BaseModel):
     task: str | None = Field(None, max_length=64, description="which model: a task listed by GET /models "
                              "(default: the first model configured)")
     upscale: float | None = Field(None, ge=1.0, le=MAX_UPSCALE, description="output size / input size")
-    sampler: SamplerName | None = Field(None, description="mean_value (FlowIE), euler, one_step, "
-                                        "restore_only (stage 1 only)")
-    steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="flow steps (euler / mean_value)")
+    sampler: SamplerName | None = Field(None, description="flow models: mean_value (FlowIE), euler, one_step; "
+                                        "diffusion models (DiffBIR): ddpm, ddim, dpm_solver; both: restore_only "
+                                        "(stage 1 only). GET /models lists each model's samplers")
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="sampler steps (network evaluations)")
     color_fix: ColorFixName | None = Field(None, description="colour correction after decoding")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="noise seed; absent = random, "
                              "always echoed in X-Seed")
@@ -112,6 +113,8 @@ class ModelEntry(BaseModel):
     name: str
     defaults: dict[str, Any]
     scale_factor: float
+    family: str = "flowie"
+    samplers: list[str] = []
 
 
 class ModelsResponse(BaseModel):

@@ -70,3 +70,19 @@ def tiny_model_dir(fixture_dir: Path, tmp_path_factory) -> Path:
 def tiny_bsr_model_dir(fixture_dir: Path, tmp_path_factory) -> Path:
     """The same weights converted with the official BSR recipe (first-stage hint, one step at t=400)."""
     return convert_fixture(fixture_dir, tmp_path_factory.mktemp("tiny_bsr_model"), task="bsr")
+
+
+DEFAULT_DIFFBIR_FIXTURE = ROOT.parent / "shared" / "reference" / "tiny_diffbir_v1"
+
+
+@pytest.fixture(scope="session")
+def diffbir_fixture_dir() -> Path:
+    """The DiffBIR v1 reference fixture (FLOWIE_DIFFBIR_FIXTURE; same layout as tiny_bfr)."""
+    path = Path(os.environ.get("FLOWIE_DIFFBIR_FIXTURE", str(DEFAULT_DIFFBIR_FIXTURE)))
+    return require_path(path, "DiffBIR reference fixture (FLOWIE_DIFFBIR_FIXTURE)")
+
+
+@pytest.fixture(scope="session")
+def tiny_diffbir_model_dir(diffbir_fixture_dir: Path, tmp_path_factory) -> Path:
+    """The DiffBIR fixture's checkpoint converted with `flowie convert` (family diffbir, task diffbir)."""
+    return convert_fixture(diffbir_fixture_dir, tmp_path_factory.mktemp("tiny_diffbir_model"))

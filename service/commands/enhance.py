@@ -14,14 +14,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model directory (default: the bundled demo model)")
     parser.add_argument("--task", default=None, help="check that the model serves this task (bfr, bsr, ...)")
     parser.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the model's (model.json)")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps (mean_value/euler); default: model's")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (network evaluations); default: model's")
     parser.add_argument("--upscale", type=float, default=None, help="output size factor (>= 1); default: model's")
     parser.add_argument("--color-fix", choices=COLOR_FIXES, default=None, help="default: the model's")
     parser.add_argument("--min-side", type=int, default=None,
                         help="bicubic-upscale so the short side is >= N before the networks (0 disables); default: model's")
     parser.add_argument("--tile", choices=TILE_MODES, default=None, help="tiled inference for large images")
     parser.add_argument("--seed", type=int, default=None, help="noise seed (default: random, printed)")
-    parser.add_argument("--noise", default=None, help=".npy [N,4,h,w] float32: row i is the initial latent of input i")
+    parser.add_argument("--noise", default=None,
+                        help="reproducibility: .npy [N,4,h,w] float32, row i is the initial latent x_T of input i "
+                             "(h, w = the padded work size / 8)")
+    parser.add_argument("--step-noise", default=None,
+                        help="reproducibility (ddpm): .npy [steps,N,4,h,w] float32, the noise each step draws, "
+                             "[:, i] for input i; with --noise it replays an official DiffBIR run exactly")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                         help="auto: float16 for the torch back end on CUDA, float32 otherwise (as the service)")
@@ -89,6 +94,13 @@ def run(args: argparse.Namespace) -> int:
         if noise.shape[0] != len(items):
             print(f"flowie enhance: --noise has {noise.shape[0]} rows for {len(items)} images", file=sys.stderr)
             return 2
+    step_noise = None
+    if args.step_noise:
+        step_noise = torch.from_numpy(np.load(args.step_noise, allow_pickle=False)).float()
+        if step_noise.dim() != 5 or step_noise.shape[1] != len(items):
+            print(f"flowie enhance: --step-noise needs [steps, {len(items)}, 4, h, w], got {list(step_noise.shape)}",
+                  file=sys.stderr)
+            return 2
     from engines import EngineConfig, EngineError, build_pipeline
 
     try:
@@ -102,7 +114,13 @@ def run(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, (stem, image) in enumerate(tqdm(items, desc="enhance", unit="img", file=sys.stderr)):
         row_noise = noise[i : i + 1] if noise is not None else None
-        result = pipe.enhance([image], params, noise=row_noise, keep_restored=args.save_restored)[0]
+        row_steps = step_noise[:, i : i + 1] if step_noise is not None else None
+        try:
+            result = pipe.enhance([image], params, noise=row_noise, keep_restored=args.save_restored,
+                                  step_noise=row_steps)[0]
+        except ValueError as exc:  # a sampler the model cannot run, noise of the wrong shape
+            print(f"flowie enhance: {exc}", file=sys.stderr)
+            return 2
         Image.fromarray(result.image).save(out_dir / f"{stem}.png")
         if args.save_restored:
             Image.fromarray(result.restored).save(out_dir / f"{stem}_restored.png")
