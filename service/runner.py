@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from flowie.params import EnhanceParams
+from service import faces_job
 from service.settings import channels_last_option, torch_compile_stages
 
 log = logging.getLogger("flowie.service.runner")
@@ -52,7 +53,8 @@ class PipelineRunner:
     def __init__(self, model_dirs: list[Path], *, device: str = "cpu", dtype: str = "auto",
                  backend: str = "torch", cuda_graphs: bool = True, torch_compile: str = "off",
                  cudnn_benchmark: bool = True, channels_last: str = "auto", spill_dir: str = "auto",
-                 tile_batch: int = 0, control_stream: bool = True) -> None:
+                 tile_batch: int = 0, control_stream: bool = True, face_detector: str = "mtcnn",
+                 background_task: str = "") -> None:
         from engines import build_pipeline  # torch: the worker side only
         from flowie.rowstore import spill_policy
 
@@ -86,6 +88,8 @@ class PipelineRunner:
             log.info("model loaded", extra={"task": task, "model": pipe.info.name, "device": device,
                                             "backend": pipe.backend})
         self.backend = next(iter(self.pipelines.values())).backend if self.pipelines else backend
+        # Whole photos (faces=detect): a FaceRestorer per face-model task (service.faces_job).
+        self.restorers = faces_job.build_restorers(self.pipelines, device, face_detector, background_task)
 
     @classmethod
     def from_pipelines(cls, pipelines: dict[str, Any], device: str) -> PipelineRunner:
@@ -93,6 +97,7 @@ class PipelineRunner:
         runner = cls.__new__(cls)
         runner.device, runner.pipelines = device, dict(pipelines)
         runner.backend = next(iter(runner.pipelines.values())).backend
+        runner.restorers = {}
         return runner
 
     @property
@@ -100,10 +105,15 @@ class PipelineRunner:
         return list(self.pipelines)
 
     def padded_shape(self, task: str, height: int, width: int, params: EnhanceParams) -> tuple[int, int]:
+        if params.faces == "detect":
+            faces_job.check_face_params(self.restorers, task, params)
+            return faces_job.FACE_BATCH_SHAPE
         return tuple(self.pipelines[task].padded_shape(height, width, params))  # type: ignore[return-value]
 
     def enhance(self, task: str, images: list[np.ndarray], params: EnhanceParams,
                 seeds: list[int]) -> list[Any]:
+        if params.faces == "detect":
+            return self.restorers[task].enhance(images, params, seeds)
         # The API answers with the final image only: skip the stage-1 image's conversion.
         return list(self.pipelines[task].enhance(images, params, seeds=seeds, keep_restored=False))
 

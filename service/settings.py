@@ -232,6 +232,12 @@ class Settings(BaseSettings):
         "Results are the same bits either way (docs/PERF.md, scaling)",
     )
     max_batch: int = Field(4, ge=1, le=64, description="most images the worker runs in one batch")
+    face_detector: Literal["mtcnn"] = Field(
+        "mtcnn", description="face detector of whole photos (faces=detect); mtcnn runs offline, its weights come "
+        "with the facenet-pytorch wheel")
+    background_task: str = Field(
+        "", max_length=64, description="task of the served model that restores the background of whole photos "
+        "(background=model, the default when set); empty = background=resize by default")
     warmup: str = Field(
         "auto",
         description="work sizes the worker runs once at every batch size up to max_batch before it reports "

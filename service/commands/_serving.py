@@ -52,7 +52,8 @@ def runner_factory(settings: Any, models: dict) -> Any:
                               cuda_graphs=settings.cuda_graphs, torch_compile=settings.torch_compile,
                               cudnn_benchmark=settings.cudnn_benchmark, channels_last=settings.channels_last,
                               spill_dir=settings.spill_dir,
-                              tile_batch=settings.tile_batch, control_stream=settings.control_stream)
+                              tile_batch=settings.tile_batch, control_stream=settings.control_stream,
+                              face_detector=settings.face_detector, background_task=settings.background_task)
 
     return load_runner
 
