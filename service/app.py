@@ -462,7 +462,10 @@ def create_app(settings: Settings, queue: JobQueue, models: dict[str, ModelInfo]
     def _face_fields(fields: EnhanceFields, model_task: str) -> dict[str, str | None]:
         """faces (detect by default for a face model) and background (model when a background model
         is configured, else resize) of a request; 422 for a choice this service cannot run."""
-        faces = fields.faces or default_face_mode(model_task)
+        default = default_face_mode(model_task)
+        if settings.face_mode != "auto" and model_task in FACE_TASKS:
+            default = settings.face_mode
+        faces = fields.faces or default
         if faces != "detect":
             return {"faces": faces, "background": None}
         if model_task not in FACE_TASKS:

@@ -232,6 +232,9 @@ class Settings(BaseSettings):
         "Results are the same bits either way (docs/PERF.md, scaling)",
     )
     max_batch: int = Field(4, ge=1, le=64, description="most images the worker runs in one batch")
+    face_mode: Literal["auto", "detect", "aligned"] = Field(
+        "auto", description="default of the faces field of a face model (task bfr): auto = detect (whole photos, "
+        "as the official script), or aligned (each upload is one aligned face)")
     face_detector: Literal["mtcnn"] = Field(
         "mtcnn", description="face detector of whole photos (faces=detect); mtcnn runs offline, its weights come "
         "with the facenet-pytorch wheel")

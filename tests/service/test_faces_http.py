@@ -32,7 +32,17 @@ def needs_mtcnn():
         pytest.skip("MTCNN weights missing: pip install --no-deps facenet-pytorch==2.6.0")
 
 
-def test_a_portrait_answers_one_face_at_the_input_size_with_landmarks(client, needs_mtcnn):
+@pytest.fixture(scope="module")
+def photo_client(make_app):
+    """The embedded service with the default face mode: whole photos for the bfr model."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(make_app(max_batch=4, face_mode="auto")) as test_client:
+        yield test_client
+
+
+def test_a_portrait_answers_one_face_at_the_input_size_with_landmarks(photo_client, needs_mtcnn):
+    client = photo_client
     response = client.post("/enhance", files={"image": ("a.png", _astronaut_png(), "image/png")},
                            data={"seed": "7"}, headers={"Accept": "application/json"})
     assert response.status_code == 200, response.text
@@ -50,7 +60,7 @@ def test_a_portrait_answers_one_face_at_the_input_size_with_landmarks(client, ne
 
 def test_a_photo_without_faces_is_the_background_alone(client, needs_mtcnn):
     response = client.post("/enhance", files={"image": ("g.png", png(160, 120), "image/png")},
-                           data={"background": "resize"})
+                           data={"background": "resize", "faces": "detect"})
     assert response.status_code == 200, response.text
     assert response.headers["x-faces"] == "0"
     assert decode(response.content).size == (160, 120)
@@ -62,7 +72,7 @@ def test_pixels_away_from_the_face_are_the_background_path(client, needs_mtcnn):
     data = _astronaut_png()
     photo = decode(data).convert("RGB")
     answer = np.asarray(decode(client.post("/enhance", files={"image": ("a.png", data, "image/png")},
-                                           data={"background": "resize"}).content).convert("RGB"))
+                                           data={"background": "resize", "faces": "detect"}).content).convert("RGB"))
     expected = np.asarray(photo.resize((512, 512), Image.BICUBIC).resize((256, 256), Image.LANCZOS))
     # The aligned crop of the astronaut covers about x 40..180, y 0..150 of this 256 photo.
     far = np.zeros(answer.shape[:2], bool)
@@ -81,7 +91,7 @@ def test_aligned_faces_keep_todays_behaviour(client):
 
 def test_background_model_without_a_background_task_is_refused(client):
     response = client.post("/enhance", files={"image": ("x.png", png(96, 80), "image/png")},
-                           data={"background": "model"})
+                           data={"background": "model", "faces": "detect"})
     assert response.status_code == 422
     assert "FLOWIE_BACKGROUND_TASK" in response.json()["detail"]
 
@@ -93,7 +103,7 @@ def test_models_lists_the_detectors(client, needs_mtcnn):
 
 
 def test_faces_per_request_is_a_metric(client, needs_mtcnn):
-    client.post("/enhance", files={"image": ("a.png", _astronaut_png(), "image/png")}, data={"background": "resize"})
+    client.post("/enhance", files={"image": ("a.png", _astronaut_png(), "image/png")}, data={"background": "resize", "faces": "detect"})
     text = client.get("/metrics").text
     assert 'flowie_faces_per_request_count{task="bfr"}' in text
     assert 'stage="face_detect"' in text
