@@ -32,6 +32,9 @@ from flowie.params import BACKGROUNDS, FACE_CROP_SIDE, EnhanceParams
 # The official script enlarges the work image so its short side is at least the face size.
 MIN_WORK_SIDE = FACE_CROP_SIDE
 MAX_SEED = 2**63
+# Faces whose eyes are closer than this in the work image (px) are skipped, as the official script
+# does (``eye_dist_threshold=5``; it measures between the wrong coordinates, we between the eyes).
+MIN_EYE_DISTANCE = 5.0
 
 
 class Detector(Protocol):
@@ -52,6 +55,11 @@ class PhotoResult:
 
     def face_dicts(self) -> list[dict]:
         return [face.as_dict() for face in self.faces]
+
+
+def eye_distance(face: Face) -> float:
+    """Distance between the two eye landmarks, pixels."""
+    return float(np.linalg.norm(face.landmarks[1] - face.landmarks[0]))
 
 
 def map_face(face: Face, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> Face:
@@ -110,6 +118,9 @@ class FaceRestorer:
         alignments: list[list[geometry.Alignment]] = []
         for rgb, plan, work, faces in zip(rgbs, plans, works, detected, strict=True):
             in_work = [map_face(face, rgb.shape[:2], plan.work_hw) for face in faces]
+            kept = [eye_distance(face) >= MIN_EYE_DISTANCE for face in in_work]
+            detected[len(alignments)] = faces = [face for face, keep in zip(faces, kept, strict=True) if keep]
+            in_work = [face for face, keep in zip(in_work, kept, strict=True) if keep]
             alignments.append([geometry.align(work, face.landmarks) for face in in_work])
         timings["face_align"] = time.perf_counter() - t0
 
