@@ -102,6 +102,34 @@ def test_every_face_of_a_tiled_group_is_found(detector):
     assert centres == [(0, 0), (0, 1), (1, 0), (1, 1)]  # one nose in each tile
 
 
+def test_six_people_of_the_lfw_sample_in_a_grid(detector):
+    """Six different people (scikit-image's LFW sample: its first 100 images are faces, 25 px gray),
+    enlarged to 100 px and set in a 3 x 2 grid: six faces, one per cell."""
+    import skimage
+
+    lfw = np.load(Path(skimage.__file__).parent / "data" / "lfw_subset.npy")
+    canvas = np.full((280, 400, 3), 120, np.uint8)
+    for k, index in enumerate((3, 17, 29, 44, 61, 88)):
+        tile = np.asarray(Image.fromarray((lfw[index] * 255).astype(np.uint8)).resize((100, 100), Image.BICUBIC))
+        row, col = divmod(k, 3)
+        canvas[20 + row * 130:120 + row * 130, 20 + col * 130:120 + col * 130] = tile[:, :, None]
+    faces = detector.detect(canvas)
+    cells = sorted((int(f.landmarks[2, 1] // 130), int(f.landmarks[2, 0] // 130)) for f in faces)
+    assert cells == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+
+
+def test_no_face_in_the_lfw_sample_non_faces(detector):
+    import skimage
+
+    lfw = np.load(Path(skimage.__file__).parent / "data" / "lfw_subset.npy")
+    canvas = np.full((280, 400, 3), 120, np.uint8)
+    for k, index in enumerate((100, 120, 140, 160, 180, 199)):
+        tile = np.asarray(Image.fromarray((lfw[index] * 255).astype(np.uint8)).resize((100, 100), Image.BICUBIC))
+        row, col = divmod(k, 3)
+        canvas[20 + row * 130:120 + row * 130, 20 + col * 130:120 + col * 130] = tile[:, :, None]
+    assert detector.detect(canvas) == []
+
+
 def test_tiny_face_in_a_huge_photo(detector):
     face = np.asarray(Image.fromarray(_hopper()[120:360, 140:380]).resize((60, 60), Image.BICUBIC))
     photo = np.full((1600, 2400, 3), 90, np.uint8)
