@@ -59,3 +59,13 @@ def check_face_params(restorers: dict[str, Any], task: str, params: EnhanceParam
         raise LookupError(f"this worker cannot detect faces: {restorers[task]}")
     if params.background == "model" and restorers[task].background_pipeline is None:
         raise ValueError("background=model needs FLOWIE_BACKGROUND_TASK; send background=swinir or resize")
+
+
+def answer_faces(output: Any, metrics: Any, task: str) -> list[dict[str, Any]] | None:
+    """The faces of a whole-photo output for its answer (counted in the faces-per-request metric);
+    None for an output of the aligned path."""
+    if not hasattr(output, "face_dicts"):
+        return None
+    faces = output.face_dicts()
+    metrics.faces.labels(task=task).observe(len(faces))
+    return faces

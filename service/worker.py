@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 
 from flowie.params import EnhanceParams
+from service import faces_job
 from service.imaging import (
     INLINE_DECODE_PIXELS,
     OUTPUT_FORMATS,
@@ -576,9 +577,7 @@ class Worker:
                         "the log entry"), outcome="failed")
                     continue
                 height, width = output.image.shape[:2]
-                faces = output.face_dicts() if hasattr(output, "face_dicts") else None
-                if faces is not None:
-                    self.metrics.faces.labels(task=task).observe(len(faces))
+                faces = faces_job.answer_faces(output, self.metrics, task)  # None unless faces=detect
                 result = JobResult(
                     id=job.id, state="done", image=answer, media_type=OUTPUT_FORMATS[job.output_format],
                     format=job.output_format, width=int(width), height=int(height), seed=int(output.seed),
