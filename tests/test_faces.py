@@ -274,3 +274,53 @@ def test_restorer_reports_faces_in_output_coordinates(detector):
     # Landmarks scale with the output (pixel centres kept): within a pixel of twice + 0.5.
     expected = (at_1.faces[0].landmarks + 0.5) * 2 - 0.5
     assert np.abs(at_2.faces[0].landmarks - expected).max() < 1.0
+
+
+class NegativePipeline(IdentityPipeline):
+    """A stand-in background model: answers each image's negative, so its pixels are recognisable."""
+
+    def enhance(self, images, params, seeds=None, keep_restored=False):
+        from types import SimpleNamespace
+
+        self.calls.append(len(images))
+        return [SimpleNamespace(image=255 - np.array(img), timings={}) for img in images]
+
+
+def test_background_model_restores_the_area_around_the_faces(detector):
+    """background=model: away from the face the answer is the background model's output of the work
+    image; the faces are pasted over it; it is the default once a background model exists."""
+    from flowie.faces.restore import FaceRestorer
+    from flowie.params import EnhanceParams
+
+    photo = _skimage_photo("astronaut.png")
+    background = NegativePipeline()
+    restorer = FaceRestorer(IdentityPipeline(), detector, background_pipeline=background)
+    assert restorer.default_background() == "model"
+    (result,) = restorer.enhance([photo], EnhanceParams(upscale=1.0), [0])
+    assert background.calls == [1] and len(result.faces) == 1
+    far = np.zeros(photo.shape[:2], bool)
+    far[400:, :] = True
+    assert np.array_equal(result.image[far], 255 - photo[far])
+    nose = result.faces[0].landmarks[2].astype(int)
+    assert np.abs(result.image[nose[1], nose[0]].astype(int) - photo[nose[1], nose[0]]).max() <= 3
+    with pytest.raises(ValueError, match="FLOWIE_BACKGROUND_TASK"):
+        FaceRestorer(IdentityPipeline(), detector).enhance([photo], EnhanceParams(background="model"), [0])
+
+
+def test_cli_enhance_faces_detect_writes_the_photo_and_the_crops(detector, tiny_model_dir, tmp_path):
+    """`flowie enhance PHOTO --faces detect --save-faces DIR` with the tiny reference BFR model; the
+    bundled demo model (task restore) is refused for whole photos."""
+    from service.cli import main
+
+    photo = tmp_path / "portrait.png"
+    Image.fromarray(_skimage_photo("astronaut.png")).resize((256, 256), Image.BICUBIC).save(photo)
+    out, faces_dir = tmp_path / "out", tmp_path / "faces"
+    assert main(["enhance", str(photo), "-o", str(out), "--model", str(tiny_model_dir), "--faces", "detect",
+                 "--save-faces", str(faces_dir), "--seed", "3"]) == 0
+    with Image.open(out / "portrait.png") as restored:
+        assert restored.size == (256, 256)
+    names = sorted(p.name for p in faces_dir.iterdir())
+    assert names == ["portrait_00_aligned.png", "portrait_00_restored.png"]
+    with Image.open(faces_dir / names[0]) as aligned:
+        assert aligned.size == (512, 512)
+    assert main(["enhance", str(photo), "-o", str(out), "--faces", "detect"]) == 2

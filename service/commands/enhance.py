@@ -35,9 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="batch rows of a tiled image per network call, as FLOWIE_TILE_BATCH: 0 = by device (8 on "
                              "CUDA; on the CPU up to one 512x512-pixel tile's area), 1 = one tile at a time")
     parser.add_argument("--save-restored", action="store_true", help="also write the stage-1 (SwinIR) output")
-    parser.add_argument("--faces", choices=FACE_MODES, default=None,
-                        help="detect: find, align and restore every face of a whole photo (default for a bfr model); "
-                             "aligned: each input is one aligned face")
+    parser.add_argument("--faces", choices=FACE_MODES, default="aligned",
+                        help="detect: find, align and restore every face of a whole photo (a bfr model); "
+                             "aligned (default): each input goes through the model as it is")
     parser.add_argument("--background", choices=("swinir", "resize"), default="resize",
                         help="with --faces detect: the area around the faces, the face model's stage 1 or a resize")
     parser.add_argument("--save-faces", default=None, metavar="DIR",
@@ -124,9 +124,7 @@ def run(args: argparse.Namespace) -> int:
     pipe.tile_batch = args.tile_batch
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from flowie.params import default_face_mode
-
-    if (args.faces or default_face_mode(info.task)) == "detect":
+    if args.faces == "detect":
         return _enhance_photos(args, pipe, params, items, out_dir)
     for i, (stem, image) in enumerate(tqdm(items, desc="enhance", unit="img", file=sys.stderr)):
         row_noise = noise[i : i + 1] if noise is not None else None
