@@ -116,10 +116,10 @@ class FaceRestorer:
         plans = [self.plan(rgb.shape[0], rgb.shape[1], params) for rgb in rgbs]
         works = [imageops.prepare(rgb, plan) for rgb, plan in zip(rgbs, plans, strict=True)]
         alignments: list[list[geometry.Alignment]] = []
-        for rgb, plan, work, faces in zip(rgbs, plans, works, detected, strict=True):
-            in_work = [map_face(face, rgb.shape[:2], plan.work_hw) for face in faces]
+        for i, (rgb, plan, work) in enumerate(zip(rgbs, plans, works, strict=True)):
+            in_work = [map_face(face, rgb.shape[:2], plan.work_hw) for face in detected[i]]
             kept = [eye_distance(face) >= MIN_EYE_DISTANCE for face in in_work]
-            detected[len(alignments)] = faces = [face for face, keep in zip(faces, kept, strict=True) if keep]
+            detected[i] = [face for face, keep in zip(detected[i], kept, strict=True) if keep]
             in_work = [face for face, keep in zip(in_work, kept, strict=True) if keep]
             alignments.append([geometry.align(work, face.landmarks) for face in in_work])
         timings["face_align"] = time.perf_counter() - t0
