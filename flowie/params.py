@@ -18,6 +18,18 @@ FAMILY_SAMPLERS: dict[str, tuple[str, ...]] = {
 }
 COLOR_FIXES: tuple[str, ...] = ("wavelet", "adain", "none")
 TILE_MODES: tuple[str, ...] = ("auto", "on", "off")
+# Whole photos (flowie.faces.restore): ``detect`` finds and aligns the faces first; ``aligned``
+# takes the upload as one aligned face. Backgrounds: another served model, the face model's
+# stage 1, or a plain resize.
+FACE_MODES: tuple[str, ...] = ("detect", "aligned")
+BACKGROUNDS: tuple[str, ...] = ("model", "swinir", "resize")
+FACE_TASKS: tuple[str, ...] = ("bfr",)  # tasks whose models restore aligned faces
+FACE_CROP_SIDE = 512  # side of an aligned face crop (the FFHQ template), pixels
+
+
+def default_face_mode(task: str) -> str:
+    """``detect`` for a face model (whole photos, as the official BFR script), else ``aligned``."""
+    return "detect" if task in FACE_TASKS else "aligned"
 
 MAX_STEPS = 50
 MAX_UPSCALE = 8.0
@@ -38,6 +50,8 @@ class EnhanceParams:
     min_side: int | None = None
     tile: str | None = None
     seed: int | None = None
+    faces: str | None = None
+    background: str | None = None
 
     def validate(self) -> EnhanceParams:
         if self.sampler is not None and self.sampler not in SAMPLERS:
@@ -46,6 +60,10 @@ class EnhanceParams:
             raise ParamError(f"color_fix must be one of {', '.join(COLOR_FIXES)}, got {self.color_fix!r}")
         if self.tile is not None and self.tile not in TILE_MODES:
             raise ParamError(f"tile must be one of {', '.join(TILE_MODES)}, got {self.tile!r}")
+        if self.faces is not None and self.faces not in FACE_MODES:
+            raise ParamError(f"faces must be one of {', '.join(FACE_MODES)}, got {self.faces!r}")
+        if self.background is not None and self.background not in BACKGROUNDS:
+            raise ParamError(f"background must be one of {', '.join(BACKGROUNDS)}, got {self.background!r}")
         if self.steps is not None and not (1 <= int(self.steps) <= MAX_STEPS):
             raise ParamError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
         if self.upscale is not None and not (1.0 <= float(self.upscale) <= MAX_UPSCALE):

@@ -16,4 +16,8 @@ sys.exit(os.path.dirname(os.path.dirname(os.path.abspath(service.__file__))) != 
     || ! command -v flowie >/dev/null; then
   python3 -m pip install -q -e .
 fi
+# The offline face detector's weights (whole photos); --no-deps: its pins would replace torch and numpy.
+if ! python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('facenet_pytorch') is None)"; then
+  python3 -m pip install -q --no-deps facenet-pytorch==2.6.0
+fi
 exec flowie serve "$@"

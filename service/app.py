@@ -29,8 +29,19 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flowie import __version__
+from flowie.faces.weights import available_detectors
 from flowie.modeldir import ModelInfo, read_model_dir
-from flowie.params import COLOR_FIXES, SAMPLERS, TILE_MODES, EnhanceParams
+from flowie.params import (
+    BACKGROUNDS,
+    COLOR_FIXES,
+    FACE_CROP_SIDE,
+    FACE_MODES,
+    FACE_TASKS,
+    SAMPLERS,
+    TILE_MODES,
+    EnhanceParams,
+    default_face_mode,
+)
 from service import problems
 from service.auth import ApiKeyAuth
 from service.imaging import (
@@ -398,7 +409,7 @@ def create_app(settings: Settings, queue: JobQueue, models: dict[str, ModelInfo]
             raise problems.PayloadTooLarge(f"the image is {len(data)} bytes; the limit is {settings.max_upload_bytes}")
         params = EnhanceParams(sampler=fields.sampler, steps=fields.steps, color_fix=fields.color_fix,
                                upscale=fields.upscale, min_side=fields.min_side, tile=fields.tile,
-                               seed=fields.seed).validate()
+                               seed=fields.seed, **_face_fields(fields, models[task].task)).validate()
         params = params.with_defaults(models[task].defaults).check_family(models[task].family)
         if params.seed is None:
             params = EnhanceParams(**{**asdict(params), "seed": secrets.randbelow(2**31)})
@@ -406,8 +417,10 @@ def create_app(settings: Settings, queue: JobQueue, models: dict[str, ModelInfo]
         request.state.seed = params.seed
         pixels = await _decode(data)
         height, width = pixels.shape[:2]
-        (out_h, out_w), (work_h, work_w) = plan_sizes(height, width, float(params.upscale or 1.0),
-                                                      int(params.min_side or 0))
+        work_min_side = int(params.min_side or 0)
+        if params.faces == "detect":  # whole photos work at a short side of at least one face crop
+            work_min_side = max(work_min_side, FACE_CROP_SIDE)
+        (out_h, out_w), (work_h, work_w) = plan_sizes(height, width, float(params.upscale or 1.0), work_min_side)
         if out_h * out_w > settings.max_pixels:
             raise problems.PayloadTooLarge(f"the output would be {out_w}x{out_h} = {out_w * out_h} pixels; "
                                            f"the limit is {settings.max_pixels} (lower upscale)")
@@ -451,6 +464,23 @@ def create_app(settings: Settings, queue: JobQueue, models: dict[str, ModelInfo]
         response.background = BackgroundTask(queue.delivered, job.id)
         return response
 
+    def _face_fields(fields: EnhanceFields, model_task: str) -> dict[str, str | None]:
+        """faces (detect by default for a face model) and background (model when a background model
+        is configured, else resize) of a request; 422 for a choice this service cannot run."""
+        default = default_face_mode(model_task)
+        if settings.face_mode != "auto" and model_task in FACE_TASKS:
+            default = settings.face_mode
+        faces = fields.faces or default
+        if faces != "detect":
+            return {"faces": faces, "background": None}
+        if model_task not in FACE_TASKS:
+            raise problems.InvalidField("faces=detect needs a face model (task bfr); send faces=aligned")
+        background = fields.background or ("model" if settings.background_task else "resize")
+        if background == "model" and settings.background_task not in models:
+            raise problems.InvalidField("background=model needs a background model (FLOWIE_BACKGROUND_TASK); "
+                                        "send background=swinir or resize")
+        return {"faces": faces, "background": background}
+
     async def _decode(data: bytes) -> Any:
         try:
             if pixels_to_decode(data, settings.max_pixels) <= INLINE_DECODE_PIXELS:
@@ -491,12 +521,15 @@ def create_app(settings: Settings, queue: JobQueue, models: dict[str, ModelInfo]
             raise _problem_from_result(result)
         headers = {"X-Seed": str(result.seed), "Server-Timing": _server_timing(result, total_s, decode_s, notify_s),
                    "X-Job-ID": result.id}
+        if result.faces is not None:
+            headers["X-Faces"] = str(len(result.faces))
         if _wants_json(accept):
             body = EnhanceResult(id=result.id, image=base64.b64encode(result.image).decode("ascii"),
                                  format=result.format, width=result.width, height=result.height,
                                  seed=int(result.seed or 0),
-                                 timings={**result.timings, "queue": result.queue_s, "compute": result.compute_s})
-            return JSONResponse(body.model_dump(), headers=headers)
+                                 timings={**result.timings, "queue": result.queue_s, "compute": result.compute_s},
+                                 faces=result.faces)
+            return JSONResponse(body.model_dump(exclude_none=True), headers=headers)
         return Response(content=result.image, media_type=result.media_type, headers=headers)
 
     async def _finished(job_id: str) -> tuple[Response | None, Any]:
@@ -568,7 +601,10 @@ def create_app(settings: Settings, queue: JobQueue, models: dict[str, ModelInfo]
                     "result_ttl_s": settings.result_ttl_s},
             choices={"sampler": list(SAMPLERS), "color_fix": list(COLOR_FIXES), "tile": list(TILE_MODES),
                      "output_format": list(OUTPUT_FORMATS),
-                     "input_format": ["png", "jpeg", "webp", "bmp", "tiff", "gif"]},
+                     "input_format": ["png", "jpeg", "webp", "bmp", "tiff", "gif"],
+                     "faces": list(FACE_MODES), "background": list(BACKGROUNDS)},
+            face_detectors=available_detectors(),
+            face_detector=settings.face_detector,
         )
 
     if settings.web_ui:

@@ -17,6 +17,7 @@ import flowie
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0,
                      45.0, 60.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+FACE_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32)
 
 
 class Metrics:
@@ -42,6 +43,8 @@ class Metrics:
         self.stage_duration = Histogram(
             "flowie_stage_duration_seconds", "wall time of one pipeline stage for one batch",
             ["stage", "backend"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.faces = Histogram("flowie_faces_per_request", "faces restored in one whole photo (faces=detect)",
+                               ["task"], buckets=FACE_BUCKETS, registry=r)
         self.jobs = Counter("flowie_jobs", "jobs finished by the worker, by outcome",
                             ["task", "outcome"], registry=r)
         self.gpu_memory = Gauge("flowie_gpu_memory_bytes", "GPU memory held by the worker's torch allocator",

@@ -15,6 +15,7 @@ import numpy as np
 from engines.config import EngineConfig
 from flowie.params import EnhanceParams
 from flowie.progress import report_step
+from service import faces_job
 
 log = logging.getLogger("flowie.service.runner")
 
@@ -54,7 +55,8 @@ class Runner(Protocol):
 class PipelineRunner:
     """One pipeline per task, all on ``config.device``; :meth:`load` builds them from model directories."""
 
-    def __init__(self, pipelines: dict[str, Any], config: EngineConfig) -> None:
+    def __init__(self, pipelines: dict[str, Any], config: EngineConfig, face_detector: str = "mtcnn",
+                 background_task: str = "") -> None:
         self.pipelines = dict(pipelines)
         self.config = config
         self.device = config.device
@@ -62,9 +64,12 @@ class PipelineRunner:
         for pipe in self.pipelines.values():
             for engine in pipe.stages.values():
                 engine.start_warmup()  # until warmup_done: the shapes a worker warms up stay captured
+        # Whole photos (faces=detect): a FaceRestorer per face-model task (service.faces_job).
+        self.restorers = faces_job.build_restorers(self.pipelines, config.device, face_detector, background_task)
 
     @classmethod
-    def load(cls, model_dirs: list[Path], config: EngineConfig | None = None) -> PipelineRunner:
+    def load(cls, model_dirs: list[Path], config: EngineConfig | None = None, face_detector: str = "mtcnn",
+             background_task: str = "") -> PipelineRunner:
         """Build every model directory's pipeline with ``engines.build_pipeline``; one model per task."""
         from engines import build_pipeline  # torch: the worker side only
 
@@ -80,17 +85,22 @@ class PipelineRunner:
             pipelines[task] = pipe
             log.info("model loaded", extra={"task": task, "model": pipe.info.name, "device": config.device,
                                             "backend": pipe.backend})
-        return cls(pipelines, config)
+        return cls(pipelines, config, face_detector, background_task)
 
     @property
     def tasks(self) -> list[str]:
         return list(self.pipelines)
 
     def padded_shape(self, task: str, height: int, width: int, params: EnhanceParams) -> tuple[int, int]:
+        if params.faces == "detect":
+            faces_job.check_face_params(self.restorers, task, params)
+            return faces_job.FACE_BATCH_SHAPE
         return tuple(self.pipelines[task].padded_shape(height, width, params))  # type: ignore[return-value]
 
     def enhance(self, task: str, images: list[np.ndarray], params: EnhanceParams,
                 seeds: list[int]) -> list[Any]:
+        if params.faces == "detect":
+            return self.restorers[task].enhance(images, params, seeds)
         # The API answers with the final image only: skip the stage-1 image's conversion. The sampler's
         # steps go to the watcher the worker installed (flowie.progress), as the stages and tiles do.
         return list(self.pipelines[task].enhance(images, params, seeds=seeds, keep_restored=False,

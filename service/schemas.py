@@ -10,17 +10,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from flowie.params import COLOR_FIXES, MAX_STEPS, MAX_UPSCALE, SAMPLERS, TILE_MODES
+from flowie.params import BACKGROUNDS, COLOR_FIXES, FACE_MODES, MAX_STEPS, MAX_UPSCALE, SAMPLERS, TILE_MODES
 from service.imaging import OUTPUT_FORMATS
 
 SamplerName = Literal.__getitem__(SAMPLERS)  # type: ignore[attr-defined]
 ColorFixName = Literal.__getitem__(COLOR_FIXES)  # type: ignore[attr-defined]
 TileName = Literal.__getitem__(TILE_MODES)  # type: ignore[attr-defined]
+FaceModeName = Literal.__getitem__(FACE_MODES)  # type: ignore[attr-defined]
+BackgroundName = Literal.__getitem__(BACKGROUNDS)  # type: ignore[attr-defined]
 OutputFormat = Literal.__getitem__(tuple(OUTPUT_FORMATS))  # type: ignore[attr-defined]
 
 MAX_SEED = 2**63 - 1
 FIELD_NAMES = ("task", "upscale", "sampler", "steps", "color_fix", "seed", "tile", "min_side",
-               "output_format", "quality")
+               "output_format", "quality", "faces", "background")
 
 
 class EnhanceFields(BaseModel):
@@ -43,6 +45,12 @@ class EnhanceFields(BaseModel):
                                  "enlarged to at least this many pixels before the networks run")
     output_format: OutputFormat = Field("png", description="format of the answer image")
     quality: int | None = Field(None, ge=1, le=100, description="JPEG / WebP quality (PNG ignores it)")
+    faces: FaceModeName | None = Field(None, description="face models: detect = find, align and restore every "
+                                       "face of a whole photo (the default for task bfr); aligned = the upload "
+                                       "is one aligned face")
+    background: BackgroundName | None = Field(None, description="whole photos: how the area around the faces "
+                                              "is restored: model (the background model, the default when one is "
+                                              "configured), swinir (the face model's stage 1) or resize")
 
 
 class EnhanceJSON(EnhanceFields):
@@ -82,6 +90,14 @@ class JobStatus(BaseModel):
     progress: JobProgress | None = None
 
 
+class FaceEntry(BaseModel):
+    """One restored face of a whole photo, in output-image pixels."""
+
+    box: list[float] = Field(..., description="x1, y1, x2, y2")
+    score: float = Field(..., description="detector probability")
+    landmarks: list[list[float]] = Field(..., description="5 (x, y): eyes, nose tip, mouth corners")
+
+
 class EnhanceResult(BaseModel):
     """POST /enhance with `Accept: application/json`."""
 
@@ -93,6 +109,7 @@ class EnhanceResult(BaseModel):
     seed: int
     timings: dict[str, float] = Field(..., description="seconds per stage (swinir, cond_encoder, "
                                       "flow_unet, vae_decoder, colour_fix, total) + queue and compute")
+    faces: list[FaceEntry] | None = Field(None, description="faces=detect: each restored face, in output pixels")
 
 
 class ProblemDetails(BaseModel):
@@ -122,6 +139,8 @@ class ModelsResponse(BaseModel):
     default_task: str
     limits: dict[str, Any]
     choices: dict[str, list[str]]
+    face_detectors: list[str] = Field(default_factory=list, description="face detectors whose weights are installed")
+    face_detector: str | None = Field(None, description="the detector whole photos use (FLOWIE_FACE_DETECTOR)")
 
 
 def enhance_openapi() -> dict[str, Any]:

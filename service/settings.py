@@ -154,6 +154,15 @@ class Settings(BaseSettings):
         "(e.g. cuda_graphs=off,tile_batch=4; keys in docs/ENGINES.md)",
     )
     max_batch: int = Field(4, ge=1, le=64, description="most images the worker runs in one batch")
+    face_mode: Literal["auto", "detect", "aligned"] = Field(
+        "auto", description="default of the faces field of a face model (task bfr): auto = detect (whole photos, "
+        "as the official script), or aligned (each upload is one aligned face)")
+    face_detector: Literal["mtcnn"] = Field(
+        "mtcnn", description="face detector of whole photos (faces=detect); mtcnn runs offline, its weights come "
+        "with the facenet-pytorch wheel")
+    background_task: str = Field(
+        "", max_length=64, description="task of the served model that restores the background of whole photos "
+        "(background=model, the default when set); empty = background=resize by default")
     warmup: str = Field(
         "auto",
         description="work sizes the worker runs at every batch size up to max_batch before it reports ready: "

@@ -58,6 +58,7 @@ import numpy as np
 
 from flowie.params import EnhanceParams
 from flowie.progress import Progress, watching
+from service import faces_job
 from service.imaging import (
     INLINE_DECODE_PIXELS,
     OUTPUT_FORMATS,
@@ -528,12 +529,13 @@ class Worker:
                         "the log entry"), outcome="failed")
                     continue
                 height, width = output.image.shape[:2]
+                faces = faces_job.answer_faces(output, self.metrics, task)  # None unless faces=detect
                 result = JobResult(
                     id=job.id, state="done", image=answer, media_type=OUTPUT_FORMATS[job.output_format],
                     format=job.output_format, width=int(width), height=int(height), seed=int(output.seed),
                     timings={k: float(v) for k, v in timings.items()}, queue_s=max(0.0, started - job.created_at),
                     compute_s=compute_s, batch_size=len(batch), finished_at=time.time(),
-                    pickup_s=max(0.0, p.delivery.picked_at - job.created_at))
+                    pickup_s=max(0.0, p.delivery.picked_at - job.created_at), faces=faces)
                 await self._finish(p.delivery, result, outcome="done")
             self.batches_done += 1
             log.info("batch done", extra={"worker_id": self.worker_id, "task": task, "batch_size": len(batch),

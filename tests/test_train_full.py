@@ -310,10 +310,10 @@ def test_resume_refuses_a_checkpoint_of_other_options(tmp_path, init_dir, single
 
 
 def test_exported_model_serves_and_its_merged_unet_equals_the_lora_network(init_dir, single_run):
+    from engines import build_pipeline
     from flowie.model import load_stage
     from flowie.modeldir import read_model_dir
     from flowie.params import EnhanceParams
-    from engines import build_pipeline
     from flowie.train.full import FullConfig, FullTrainer
 
     logged = [json.loads(line) for line in (single_run / "checkpoints" / "log.jsonl").read_text().splitlines()]

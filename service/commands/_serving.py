@@ -49,7 +49,8 @@ def runner_factory(settings: Any, models: dict) -> Any:
     def load_runner() -> Any:
         from service.runner import PipelineRunner  # torch: the worker side only
 
-        return PipelineRunner.load(model_dirs, settings.engine_config())
+        return PipelineRunner.load(model_dirs, settings.engine_config(), face_detector=settings.face_detector,
+                                   background_task=settings.background_task)
 
     return load_runner
 

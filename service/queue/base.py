@@ -114,8 +114,11 @@ class JobResult:
     # Tracing only (Server-Timing); kept out of `meta()` so that processes of the previous
     # release, which build results from `meta()` strictly, still read ours during a rolling update.
     pickup_s: float = 0.0  # admission -> a worker received the job (part of queue_s)
+    # Whole photos: each restored face's box, score and 5 landmarks in output pixels (None: no
+    # detection ran). Beside the trace for the same reason: older processes ignore it.
+    faces: list[dict[str, Any]] | None = None
 
-    TRACE_FIELDS: ClassVar[tuple[str, ...]] = ("pickup_s",)
+    TRACE_FIELDS: ClassVar[tuple[str, ...]] = ("pickup_s", "faces")
 
     def meta(self) -> dict[str, Any]:
         """The fields every release reads (not the image, not the trace), for JSON: a shallow view
@@ -126,7 +129,7 @@ class JobResult:
     def meta_json(self) -> str:
         return json.dumps(self.meta(), separators=(",", ":"))
 
-    def trace(self) -> dict[str, float]:
+    def trace(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.TRACE_FIELDS}
 
     @classmethod

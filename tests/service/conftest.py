@@ -53,7 +53,7 @@ def make_settings(tiny_model_dir: Path) -> Callable[..., Any]:
 
     def make(**overrides: Any) -> Any:
         values: dict[str, Any] = {"model_dirs": [tiny_model_dir], "log_json": True, "sync_timeout_s": 60.0,
-                                  "max_wait_ms": 5.0}
+                                  "max_wait_ms": 5.0, "face_mode": "aligned"}  # whole photos: test_faces_http
         values.update(overrides)
         return load_settings(**values)
 

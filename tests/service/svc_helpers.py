@@ -64,7 +64,9 @@ def decode(data: bytes) -> Image.Image:
 def subprocess_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWIE_")}
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-                "PYTHONUNBUFFERED": "1"})
+                "PYTHONUNBUFFERED": "1",
+                # The tiny bfr model serves the aligned path here, as in-process (test_faces_http: whole photos).
+                "FLOWIE_FACE_MODE": "aligned"})
     env.update(extra)
     return env
 

@@ -21,7 +21,7 @@ models = load_models(settings)
 queue = _serving.redis_queue(settings, list(models), listen=True)
 app = create_app(settings, queue, models, metrics=Metrics(role="api"))
 app.openapi()
-heavy = sorted(m for m in ("torch", "diffusers", "onnxruntime", "tensorrt") if m in sys.modules)
+heavy = sorted(m for m in ("torch", "diffusers", "onnxruntime", "tensorrt", "cv2") if m in sys.modules)
 print("HEAVY:" + ",".join(heavy))
 """
 
