@@ -6,6 +6,7 @@ lets the worker's batching be written without knowing the model.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +23,12 @@ log = logging.getLogger("flowie.service.runner")
 
 class Runner(Protocol):
     backend: str
+
+    @functools.cached_property
+    def restorers(self) -> dict[str, Any]:
+        """Whole photos (faces=detect): a FaceRestorer per face-model task (service.faces_job), made on
+        the first whole-photo job, so a worker that never gets one never loads a detector."""
+        return faces_job.build_restorers(self.pipelines, self.config.device, self.face_detector, self.background_task)
 
     @property
     def tasks(self) -> list[str]: ...
@@ -64,8 +71,7 @@ class PipelineRunner:
         for pipe in self.pipelines.values():
             for engine in pipe.stages.values():
                 engine.start_warmup()  # until warmup_done: the shapes a worker warms up stay captured
-        # Whole photos (faces=detect): a FaceRestorer per face-model task (service.faces_job).
-        self.restorers = faces_job.build_restorers(self.pipelines, config.device, face_detector, background_task)
+        self.face_detector, self.background_task = face_detector, background_task
 
     @classmethod
     def load(cls, model_dirs: list[Path], config: EngineConfig | None = None, face_detector: str = "mtcnn",
@@ -86,6 +92,12 @@ class PipelineRunner:
             log.info("model loaded", extra={"task": task, "model": pipe.info.name, "device": config.device,
                                             "backend": pipe.backend})
         return cls(pipelines, config, face_detector, background_task)
+
+    @functools.cached_property
+    def restorers(self) -> dict[str, Any]:
+        """Whole photos (faces=detect): a FaceRestorer per face-model task (service.faces_job), made on
+        the first whole-photo job, so a worker that never gets one never loads a detector."""
+        return faces_job.build_restorers(self.pipelines, self.config.device, self.face_detector, self.background_task)
 
     @property
     def tasks(self) -> list[str]:
