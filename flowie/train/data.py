@@ -1,8 +1,21 @@
 """Training and evaluation images, and seeded random crops with on-the-fly degradation.
 
-Image sources: a folder of image files, or the colour images bundled with scikit-image
-(``skimage`` = the training split, ``skimage-holdout`` = the held-out split). The split is
-by whole image, never by region, so no held-out pixel or scene is seen in training:
+Image sources (``load_images``), joined with ``+`` to train on several at once:
+
+- a folder of image files;
+- ``skimage``: the colour images bundled with scikit-image (training split, below);
+  ``skimage-holdout``: its held-out split; ``skimage-photos``: only the photographs of the
+  training split;
+- ``plasma-photos=ROOT``: the photographs among the wallpapers of Debian's
+  ``plasma-workspace-wallpapers`` package (training), and ``mate-photos=ROOT``: those of
+  ``mate-backgrounds`` (held out: no FlowIE model trains on them), installed under ROOT
+  (``/`` when installed with apt, or a folder the .deb was unpacked into with ``dpkg -x``).
+  The largest rendering of each is read and shrunk to the source's short side (antialiased),
+  which also smooths away the wallpapers' own JPEG artefacts in the clean targets;
+- ``matplotlib-photos``: the photograph matplotlib ships (``grace_hopper``; held out).
+
+The skimage split is by whole image, never by region, so no held-out pixel or scene is seen
+in training:
 
 - held out: ``coffee`` and ``rocket``: natural photographs, the kind of picture the demo is
   for, so the held-out numbers measure what a user sees;
@@ -26,6 +39,33 @@ from flowie.train.degrade import DegradationRanges, apply_uint8, sample_params
 
 SKIMAGE_TRAIN = ("astronaut", "chelsea", "colorwheel", "hubble_deep_field", "immunohistochemistry", "logo", "retina")
 SKIMAGE_HOLDOUT = ("coffee", "rocket")
+SKIMAGE_PHOTOS = ("astronaut", "chelsea")
+
+
+@dataclass(frozen=True)
+class PackagePhotos:
+    """Photographs among a Debian wallpaper package's images: ROOT/folder/pattern, ``{name}`` filled in."""
+
+    package: str
+    folder: str
+    pattern: str
+    names: tuple[str, ...]
+    short_side: int  # px after shrinking
+
+
+PACKAGE_SOURCES = {
+    # plasma-workspace-wallpapers 5.27: landscapes, water, leaves, cups, a forest path; the other
+    # wallpapers are rendered abstract art, which teaches flat colour and hard vector edges.
+    # 800 px: shown 0.5-1x by the crop sampler, about the detail density of a 400-600 px upload.
+    "plasma-photos": PackagePhotos(
+        "plasma-workspace-wallpapers", "usr/share/wallpapers", "{name}/contents/images/*",
+        ("BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey", "Kite",
+         "OneStandsOut", "Path", "summer_1am"), 800),
+    # mate-backgrounds 1.26, its nature photographs with the most detail; 400 px like coffee/rocket.
+    "mate-photos": PackagePhotos(
+        "mate-backgrounds", "usr/share/backgrounds/mate/nature", "{name}.jpg",
+        ("Dune", "FreshFlower", "Garden", "LadyBird", "RainDrops", "TwoWings"), 400),
+}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
@@ -55,15 +95,63 @@ def read_image(path: str | Path) -> np.ndarray:
         return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
 
 
+def _shrink(pixels: np.ndarray, short_side: int) -> np.ndarray:
+    h, w = pixels.shape[:2]
+    if min(h, w) <= short_side:
+        return pixels
+    size = (round(w * short_side / min(h, w)), round(h * short_side / min(h, w)))
+    return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.LANCZOS))
+
+
+def _pixel_count(path: Path) -> int:
+    """Wallpaper files are named WIDTHxHEIGHT.ext."""
+    w, _, h = path.stem.partition("x")
+    return int(w) * int(h) if w.isdigit() and h.isdigit() else 0
+
+
+def _package_photos(source: str, root: str | Path) -> list[NamedImage]:
+    """The largest file of each named image of a package source under ROOT, shrunk to its short side."""
+    spec = PACKAGE_SOURCES[source]
+    base = Path(root) / spec.folder
+    out = []
+    for name in spec.names:
+        files = [p for p in base.glob(spec.pattern.format(name=name)) if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not files:
+            raise ValueError(f"no {name} under {base}: install {spec.package}, or unpack its .deb with "
+                             f"dpkg -x and pass {source}=THAT_FOLDER")
+        largest = max(files, key=_pixel_count)
+        label = f"{spec.package}:{largest.relative_to(base)}"
+        out.append(NamedImage(label, _shrink(read_image(largest), spec.short_side)))
+    return out
+
+
+def _matplotlib_photos() -> list[NamedImage]:
+    import matplotlib.cbook
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+        return [NamedImage("grace_hopper", read_image(f))]
+
+
 def load_images(source: str | Path) -> list[NamedImage]:
-    """``skimage`` (training split), ``skimage-holdout``, or a folder of images (sorted by name)."""
-    if str(source) == "skimage":
+    """Images of one source or of several joined with ``+`` (module docstring); a folder's sorted by name."""
+    text = str(source)
+    if "+" in text and not Path(text).is_dir():
+        return [im for part in text.split("+") for im in load_images(part)]
+    if text == "skimage":
         return _skimage(SKIMAGE_TRAIN)
-    if str(source) in ("skimage-holdout", "skimage_holdout"):
+    if text in ("skimage-holdout", "skimage_holdout"):
         return _skimage(SKIMAGE_HOLDOUT)
+    if text == "skimage-photos":
+        return _skimage(SKIMAGE_PHOTOS)
+    name, _, root = text.partition("=")
+    if name in PACKAGE_SOURCES:
+        return _package_photos(name, root or "/")
+    if text == "matplotlib-photos":
+        return _matplotlib_photos()
     folder = Path(source)
     if not folder.is_dir():
-        raise ValueError(f"{source} is neither 'skimage', 'skimage-holdout' nor a folder of images")
+        raise ValueError(f"{source} is none of skimage, skimage-holdout, skimage-photos, matplotlib-photos, "
+                         f"{', '.join(n + '[=ROOT]' for n in PACKAGE_SOURCES)} nor a folder of images")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")

@@ -120,6 +120,10 @@ class TrainConfig:
     ssim_weight: float = 0.0
     lora_rank: int = 0
     init_unet: str | None = None  # flow_unet.safetensors to start the flow phase from (needed for LoRA)
+    # A model directory (same networks) whose weights start every stage: fine-tuning a trained model
+    # on new data costs a fraction of training it again. Its cond_encoder also starts the VAE encoder
+    # (a model directory ships no VAE encoder; the cond encoder is a fine-tuned copy of it).
+    init_from: str | None = None
     flow_bank: int = 0  # >0: precompute the frozen stages for this many crops, then train on them
     # Range of the extra upscale f the service applies before the networks (min_side): crops are
     # degraded at native scale and shown to the networks f times larger, as served.
@@ -180,6 +184,8 @@ class Trainer:
             # (the bicubic-upscaled input), and training learns only the correction.
             nn.init.zeros_(self.swinir.conv_last.weight)
             nn.init.zeros_(self.swinir.conv_last.bias)
+        if cfg.init_from:
+            self._load_init_model(cfg.init_from)
         if cfg.init_unet:
             self._load_init_unet(cfg.init_unet)
         if cfg.lora_rank:
@@ -207,6 +213,23 @@ class Trainer:
         for conv in [*self.flow.controlnet.controlnet_down_blocks, self.flow.controlnet.controlnet_mid_block]:
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
+
+    def _load_init_model(self, model_dir: str) -> None:
+        from safetensors.torch import load_file
+
+        files = {"swinir": "swinir", "vae_encoder": "cond_encoder", "vae_decoder": "vae_decoder",
+                 "cond_encoder": "cond_encoder", "flow": "flow_unet"}
+        for module, stage in files.items():
+            path = Path(model_dir) / f"{stage}.safetensors"
+            if not path.is_file():
+                raise ValueError(f"--init-from {model_dir}: no {path.name}")
+            target = self.modules()[module]
+            state = {k: v.to(torch.float32) for k, v in load_file(str(path)).items()}
+            try:
+                target.load_state_dict(state, strict=True)
+            except RuntimeError as exc:
+                raise ValueError(f"--init-from {model_dir}: {path.name} does not fit the networks of this run "
+                                 "(pick the same --arch)") from exc
 
     def _load_init_unet(self, path: str) -> None:
         from safetensors.torch import load_file
@@ -466,7 +489,7 @@ class Trainer:
     def phase_fingerprint(self, phase: str) -> str:
         """The options a phase's result depends on (its own and its upstream phases'), not its step count."""
         cfg = self.cfg.fingerprint()
-        common = {k: cfg[k] for k in ("images", "seed", "work_scale")}
+        common = {k: cfg[k] for k in ("images", "seed", "work_scale", "init_from")}
         own = {
             "swinir": {"swinir": cfg["swinir"], "ranges": cfg["ranges"], "ssim_weight": cfg["ssim_weight"]},
             "vae": {"vae": cfg["vae"], "kl_weight": cfg["kl_weight"]},
@@ -604,7 +627,8 @@ class Trainer:
         card = {
             "description": "Small FlowIE-architecture model trained from scratch on CPU by `flowie train`: "
                            "general restoration x1-x4 (blur, downsampling, noise, JPEG). A demo, not the official weights.",
-            "data": {"images": cfg.images, "split": _split_note(cfg.images), "crop_work_scale": list(cfg.work_scale),
+            "data": {"images": cfg.images, "split": _split_note(cfg.images),
+                     "files": list(self._sampler().names), "crop_work_scale": list(cfg.work_scale),
                      "degradation": {"order": "blur -> downsample -> noise -> JPEG -> bicubic up", **cfg.ranges.to_dict()}},
             "objectives": {
                 "swinir": "L1" + (f" + {cfg.ssim_weight} x (1 - SSIM)" if cfg.ssim_weight else "") + " to the clean crop",
@@ -618,7 +642,8 @@ class Trainer:
             "null_context": {"shape": list(self.null_context.shape), "how": f"torch.randn with seed {cfg.seed + 77}",
                              "why": "the demo has no text encoder; the constant context stands in for the null prompt"},
             "training": {"seed": cfg.seed, "threads": cfg.threads, "workers": cfg.workers, "device": cfg.device,
-                         "torch": torch.__version__, "machine": platform.machine(), "phases": phases,
+                         "torch": torch.__version__, "machine": platform.machine(), "init_from": cfg.init_from,
+                         "phases": phases,
                          "wall_seconds": round(_wall_seconds(phases, parallel=cfg.workers > 1), 1)},
             "scale_factor": self.scale_factor,
         }
@@ -708,4 +733,6 @@ def _split_note(images: str) -> str:
         from flowie.train.data import SKIMAGE_HOLDOUT, SKIMAGE_TRAIN
 
         return f"scikit-image colour images {', '.join(SKIMAGE_TRAIN)}; held out: {', '.join(SKIMAGE_HOLDOUT)}"
+    if not Path(images).is_dir():
+        return f"the images listed in files ({images}); scikit-image's coffee and rocket are never trained on"
     return f"all images in {images}"

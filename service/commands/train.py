@@ -30,8 +30,10 @@ def _per_phase(text: str | None, cast, what: str) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", default="skimage",
-                        help="folder of clean training images, or 'skimage' (scikit-image's colour images, "
-                             "coffee and rocket held out); default skimage")
+                        help="clean training images: a folder, 'skimage' (scikit-image's colour images, coffee and "
+                             "rocket held out), 'skimage-photos' (its photographs astronaut, chelsea), "
+                             "'plasma-photos[=ROOT]' (the photographs of Debian's plasma-workspace-wallpapers, "
+                             "installed under ROOT, default /), or several joined with '+'; default skimage")
     parser.add_argument("--out", required=True, help="model directory to write (safetensors + model.json)")
     parser.add_argument("--steps", default=None,
                         help=f"steps per phase: N for every phase or e.g. 'swinir=2400,vae=1100,cond_encoder=200,flow=1500' (the default) "
@@ -49,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ssim-weight", type=float, default=0.0, help="weight of (1 - SSIM) in the SwinIR loss")
     parser.add_argument("--lora-rank", type=int, default=0,
                         help="train LoRA factors of this rank + the ControlNet on a frozen base UNet (needs --init-unet)")
+    parser.add_argument("--init-from", default=None,
+                        help="model directory with the same networks whose weights start every stage (fine-tuning)")
     parser.add_argument("--init-unet", default=None, help="flow_unet.safetensors whose UNet starts the flow phase")
     parser.add_argument("--flow-bank", type=int, default=1536,
                         help="precompute SwinIR/VAE latents for this many crops and train the flow on them "
@@ -96,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = TrainConfig(out=args.out, images=args.images, checkpoint_dir=args.checkpoint_dir, seed=args.seed,
                           phases=phases, swinir=swinir, vae=vae, unet=unet, kl_weight=args.kl_weight,
                           ssim_weight=args.ssim_weight, lora_rank=args.lora_rank, init_unet=args.init_unet,
+                          init_from=args.init_from,
                           flow_bank=args.flow_bank, checkpoint_every=args.checkpoint_every, threads=args.threads,
                           workers=args.workers, work_scale=work_scale, data_workers=args.data_workers,
                           device=args.device, name=args.name, defaults={"min_side": args.min_side},
