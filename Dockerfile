@@ -33,7 +33,8 @@ RUN python3 -m venv --without-pip /opt/flowie
 
 WORKDIR /src
 COPY deploy/docker/requirements-gpu.lock deploy/docker/tensorrt-shim.lock ./deploy/docker/
-# NVIDIA's `tensorrt-cu12` sdist (second step) only adds the `tensorrt` import name over the
+# The second step installs, without dependencies, the facenet-pytorch wheel (only for the MTCNN
+# weights it ships; never imported) and NVIDIA's `tensorrt-cu12` sdist, which only adds the `tensorrt` import name over the
 # bindings; with the variable set and --no-deps it neither installs a second libnvinfer nor runs
 # a nested pip against NVIDIA's index.
 RUN python3 -m pip --python /opt/flowie/bin/python install \

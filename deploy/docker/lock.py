@@ -42,6 +42,9 @@ LOCK = ROOT / "deploy" / "docker" / "requirements-gpu.lock"
 SHIM_LOCK = ROOT / "deploy" / "docker" / "tensorrt-shim.lock"
 # NVIDIA's sdist that maps `import tensorrt` onto the bindings (installed --no-deps, see Dockerfile).
 TENSORRT_SHIM = "tensorrt-cu12==10.8.0.43"
+# The MTCNN face detector's weights ship inside this wheel; its declared pins (an old torch and numpy)
+# would replace ours, so it goes in the same no-deps lock and is never imported (flowie/faces/weights.py).
+FACE_WEIGHTS_WHEEL = "facenet-pytorch==2.6.0"
 
 # Must agree with the base image named in the Dockerfile (TensorRT 10.8.0.43, CUDA 12.8, cuDNN 9.7).
 GPU_PINS = {
@@ -106,7 +109,7 @@ def resolve(requirements: list[str]) -> list[dict]:
 
 
 def resolve_shim() -> list[dict]:
-    return _pip_report(["--no-deps", TENSORRT_SHIM])
+    return _pip_report(["--no-deps", TENSORRT_SHIM, FACE_WEIGHTS_WHEEL])
 
 
 def render(installs: list[dict], install_line: str) -> str:

@@ -112,7 +112,8 @@
 
   function choicesFor(name, prop) {
     const model = currentModel();
-    const perModel = model.choices && model.choices[name];
+    // A model's family decides its samplers (GET models lists them per model).
+    const perModel = (model.choices && model.choices[name]) || (name === "sampler" && model.samplers);
     const shared = (state.models.choices || {})[name];
     if (perModel || shared) return perModel || shared;
     for (const p of variants(prop)) if (p.enum) return p.enum;
