@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""FlowIE pipeline benchmark for a lent GPU (issue 6, part 2): one prepared script, one device call.
+"""FlowIE pipeline benchmark on a GPU: one script that measures every configuration in one run.
 
 Builds the full-size FlowIE networks (``bfr_v1``: SwinIR, VAE cond encoder, SD2.1 UNet + ControlNet
 with LoRA merged, VAE decoder) with seeded random weights -- speed does not depend on weight
@@ -10,7 +10,7 @@ values -- and measures at 512x512 (latent 64x64), per stage and end to end, for 
   bf16 eager (SDPA), + channels_last, + CUDA graphs (the whole pipeline, sampler loop included,
   captured once per batch size and workload), + torch.compile (the flow UNet and the VAE decoder
   by default; batch marked dynamic so batches 4-16 share one compile, batch 1 is a second one),
-  + both; then fp32 with TF32 and a max-autotune flow UNet if the budget still allows; every
+  + both; then fp32 with TF32 and a max-autotune flow UNet if the time limit still allows; every
   mode but the fp32 baseline lets cuDNN time its convolution algorithms (``cudnn.benchmark``),
   and an A/B mode (``nobench``: half-precision eager at the smallest and largest batch) runs
   without it, to say what the service's ``FLOWIE_CUDNN_BENCHMARK`` is worth; two more
@@ -36,11 +36,11 @@ Timing: CUDA events around each repeat (and between stages), no host sync inside
 region, a synchronize only after the last repeat; warm-up first; the median is reported.
 
 Results are written to ``<out>/gpu_bench.json`` after every measurement, so a run stopped by a
-time limit still leaves its data; ``--budget-s`` skips (and records as skipped) whatever would
-start after the budget is spent. ``--tiny`` runs everything that runs on a CPU with a tiny
+time limit still leaves its data; ``--time-limit-s`` skips (and records as skipped) whatever would
+start after that many seconds. ``--tiny`` runs everything that runs on a CPU with a tiny
 config in well under a minute (CUDA-only modes are recorded as skipped, with the reason).
 
-    python3 loadtests/gpu_bench.py --out $OUT --budget-s 400     # on the GPU machine
+    python3 loadtests/gpu_bench.py --out $OUT --time-limit-s 400  # on a GPU
     python3 loadtests/gpu_bench.py --tiny --out /tmp/bench        # anywhere
 """
 
@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import time
 
-T_START = time.monotonic()  # before the heavy imports: the budget counts them too
+T_START = time.monotonic()  # before the heavy imports: the time limit counts them too
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
@@ -85,11 +85,11 @@ STAGES = ("swinir", "cond_encoder", "flow_unet", "vae_decoder")
 BFR_MIDPOINT = 3  # official face model: x_T + v at t = 399 (4 evaluations)
 PSNR_FLAG_DB = 40.0
 # Guessed first-compile seconds per stage (torch.compile default mode, 16-core host), used only to
-# decide whether a stage's compile still fits the budget; the measured times go into the results.
+# decide whether a stage's compile still fits the time limit; the measured times go into the results.
 COMPILE_GUESS_S = {"flow_unet": 90.0, "vae_decoder": 30.0, "cond_encoder": 25.0, "swinir": 70.0}
-# Issue 6 targets (H100, 512x512).
+# The performance targets (H100, 512x512).
 TARGETS = {"bfr_img_per_s": 50.0, "bfr_b1_ms": 35.0, "bsr_img_per_s": 80.0, "speedup_vs_fp32": 15.0}
-OFFICIAL_FLOWIE_IMG_PER_S = 2.85  # the issue's anchor for the official implementation
+OFFICIAL_FLOWIE_IMG_PER_S = 2.85  # the anchor: the official implementation's speed
 
 # The tiny test model of ../shared/reference/tiny_bfr/model_config.yaml, in the preset vocabulary,
 # embedded so that the script needs nothing but the repository on the GPU machine.
@@ -317,7 +317,7 @@ class Bench:
         self.out_dir = Path(args.out)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.json_path = self.out_dir / "gpu_bench.json"
-        self.deadline = T_START + args.budget_s
+        self.deadline = T_START + args.time_limit_s
         self.data: dict = {
             "schema": SCHEMA,
             "meta": {},
@@ -361,7 +361,7 @@ class Bench:
         elif needs_cuda and not self.cuda:
             rec["reason"] = "needs a CUDA device"
         elif self.remaining() < min_s:
-            rec["reason"] = f"budget: {self.remaining():.0f} s left, section needs about {min_s:.0f} s"
+            rec["reason"] = f"time limit: {self.remaining():.0f} s left, section needs about {min_s:.0f} s"
         if rec["reason"]:
             log(f"skip {name}: {rec['reason']}")
             self.save()
@@ -449,7 +449,7 @@ class Bench:
             "latent_px": a.size // 8,
             "batch_sizes": a.batch_sizes,
             "check_batch": a.check_batch,
-            "budget_s": a.budget_s,
+            "time_limit_s": a.time_limit_s,
             "weights": "random: torch/diffusers default init after torch.manual_seed(seed), not rescaled; "
             "LoRA merged means plain Linear layers, so nothing to merge",
             "seed": a.seed,
@@ -720,7 +720,7 @@ class Bench:
             est = time.perf_counter() - w0
             warm.append(est)
         reps = min_reps if est is None else int(min(a.max_reps, max(min_reps, math.ceil(a.rep_target_s / max(est, 1e-6)))))
-        if est is not None:  # never run far past the budget for the sake of more repeats
+        if est is not None:  # never run far past the time limit for the sake of more repeats
             reps = max(min(reps, int(max(self.remaining(), 0) / max(est, 1e-6))), min(min_reps, 2), 1)
         timer = Timer(self.device, reps, len(names))
         if self.cuda:
@@ -835,8 +835,8 @@ class Bench:
         graph then serves every batch from 2 up), then at batch 1.
 
         dynamo specialises sizes 0 and 1, so batch 1 is a second compile; it is done only while the
-        budget allows, with the first compile's time as the estimate. A stage that would not fit the
-        budget, or fails to compile, stays eager (recorded per stage).
+        time limit allows, with the first compile's time as the estimate. A stage that would not fit the
+        time limit, or fails to compile, stays eager (recorded per stage).
         """
         import torch._dynamo
 
@@ -874,7 +874,7 @@ class Bench:
                 if first:
                     guess = COMPILE_GUESS_S.get(name, 60.0) * (0.1 if a.tiny else 1.0)
                     if self.remaining() < a.compile_reserve_s + guess:
-                        st["status"] = f"eager: budget ({self.remaining():.0f} s left, compile guessed at {guess:.0f} s)"
+                        st["status"] = f"eager: time limit ({self.remaining():.0f} s left, compile guessed at {guess:.0f} s)"
                         log(f"compile: {name} stays eager ({st['status']})")
                         continue
                     if a.compile_backend == "inductor":
@@ -935,10 +935,10 @@ class Bench:
             wl = result["workloads"].setdefault(workload, {})
             for b in sizes:
                 if compiled_batches is not None and b not in compiled_batches:
-                    wl[str(b)] = {"status": "skipped", "reason": "not compiled for this batch (budget)"}
+                    wl[str(b)] = {"status": "skipped", "reason": "not compiled for this batch (time limit)"}
                     continue
                 if self.remaining() < 0:
-                    wl[str(b)] = {"status": "skipped", "reason": "budget"}
+                    wl[str(b)] = {"status": "skipped", "reason": "time limit"}
                     rec["partial"] = True
                     continue
                 wl[str(b)] = self.measure_one(mode, fns, workload, b)
@@ -954,7 +954,7 @@ class Bench:
                 wl["1"] = self.measure_one(mode, fns, "diffbir", 1, warmup=1 if mode.graphs else 0,
                                            min_reps=max(1, min(2, a.min_reps)))
             else:
-                wl["1"] = {"status": "skipped", "reason": f"budget: about {est:.0f} s needed"}
+                wl["1"] = {"status": "skipped", "reason": f"time limit: about {est:.0f} s needed"}
         for b in a.batch_sizes:
             derived = self.derive_diffbir(result["workloads"], b)
             if derived:
@@ -1081,7 +1081,7 @@ class Bench:
     # -------------------------------------------------------------- scaling with image size
 
     def sec_scaling(self, rec: dict, dtype: torch.dtype) -> None:
-        """Issue 6, part 3 on the device: peak device memory and time against image size.
+        """Peak device memory and time against image size.
 
         The serving pipeline itself (flowie.pipeline.Pipeline, eager, tiles on, one step, wavelet fix)
         on these networks: ``run_streamed`` (what ``enhance`` runs for a lone large image: the card
@@ -1114,7 +1114,7 @@ class Bench:
 
         # One untimed run of each path at the smallest size first, as a worker's FLOWIE_WARMUP does:
         # the first call of each tile shape pays cuDNN's algorithm search and lazy CUDA set-up
-        # (session 6 timed it into the 1 MP row: 2.9 s streamed against 0.7 s for the batch path).
+        # (left in, it added 2.9 s to the 1 MP streamed row on an NVIDIA H200, against 0.7 s for the batch path).
         h0, w0 = a.scaling_sizes[0]
         t0 = time.perf_counter()
         warm = work_image(h0, w0)
@@ -1129,8 +1129,8 @@ class Bench:
         pipe = pipes[1]
         pipe.run_batch(imageops.images_to_tensor([warm], self.device), params, seeds=[0])
         # Then every row count a tiled call can hold, at the tile size, as the worker's warm-up does
-        # (Runner.tile_rows): session 10 timed cuDNN's search for 5 tiles per call into the 4 MP row
-        # (0.89x one tile per call there, 2.4x at 16 MP).
+        # (Runner.tile_rows): left out, cuDNN's search for 5 tiles per call lands in the 4 MP row
+        # (0.89x one tile per call there, 2.4x at 16 MP, NVIDIA H200).
         tile_image = work_image(pipe.pixel_tile, pipe.pixel_tile)
         for rows in range(1, tiles_per_call + 1):
             pipe.run_batch(imageops.images_to_tensor([tile_image] * rows, self.device), params, seeds=[0] * rows)
@@ -1143,7 +1143,7 @@ class Bench:
             row: dict = {"h": h, "w": w, "megapixels": h * w / 1e6}
             for path, (tile_batch, kind) in paths.items():
                 if self.remaining() < 20:
-                    row[path] = {"skipped": "budget"}
+                    row[path] = {"skipped": "time limit"}
                     continue
                 pipe = pipes[tile_batch]
                 if self.cuda:
@@ -1243,7 +1243,7 @@ class Bench:
                 rows = rec["workloads"][workload] = {}
                 for b in batches:
                     if self.remaining() < 15:
-                        rows[str(b)] = {"status": "skipped", "reason": "budget"}
+                        rows[str(b)] = {"status": "skipped", "reason": "time limit"}
                         continue
                     images, seeds = [image] * b, list(range(b))
                     first = []  # what FLOWIE_WARMUP spares the first requests of a shape
@@ -1344,7 +1344,7 @@ class Bench:
         out: dict[str, Any] = {}
         for b in sorted({min(self.args.batch_sizes), max(self.args.batch_sizes)}):
             if self.remaining() < 30:
-                out[str(b)] = {"status": "skipped", "reason": "budget"}
+                out[str(b)] = {"status": "skipped", "reason": "time limit"}
                 continue
             args = argparse.Namespace(jobs=6 * b, batch=b, codec_threads=0)
             runs = [wb.run_once(runner, overlap, args, image, png, params) for overlap in (False, True, False, True)]
@@ -1615,7 +1615,7 @@ class Bench:
                           graphs=True), needs_cuda=True, min_s=20 if self.compiled else a.compile_min_s,
                      skip=skip_unless("compile_graphs"))
         if self.cuda:
-            self.print_table()  # the table now, in case the extras below outlast the device call
+            self.print_table()  # the table now, in case the extras below outlast the run's time limit
         mode_section(Mode("fp32_tf32_eager", torch.float32, tf32=True), needs_cuda=True, min_s=30,
                      skip=skip_unless("tf32"))
         autotune_skip = skip_unless("autotune")
@@ -1793,7 +1793,7 @@ class Bench:
                              f"{r['dynamo_frames_compiled']} compiles" for r in probe["phases"]))
         skipped = [f"{s['name']} ({s['reason']})" for s in self.data["sections"] if s["status"] == "skipped"]
         errors = [f"{s['name']}: {s.get('error', '')[:120]}" for s in self.data["sections"] if s["status"] == "error"]
-        partial = [f"{s['name']} ({'; '.join(s.get('entry_errors', [])[:2]) or 'budget'})"
+        partial = [f"{s['name']} ({'; '.join(s.get('entry_errors', [])[:2]) or 'time limit'})"
                    for s in self.data["sections"] if s["status"] == "partial"]
         if skipped:
             lines.append("skipped: " + "; ".join(skipped))
@@ -1876,7 +1876,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="the tiny test config on the CPU (development and tests)")
     p.add_argument("--out", default=os.environ.get("OUT") or "out", help="folder for gpu_bench.json (default $OUT or ./out)")
-    p.add_argument("--budget-s", type=float, default=None,
+    p.add_argument("--time-limit-s", type=float, default=None,
                    help="seconds from start after which no new measurement starts (default 400; tiny 120)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available; cpu with --tiny)")
     p.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,4,8,16; tiny 1,2)")
@@ -1893,7 +1893,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile mode for the compile sections (default 'default'; "
                         "'max-autotune-no-cudagraphs' costs minutes more)")
     p.add_argument("--compile-stages", default="flow_unet,vae_decoder",
-                   help="stages to compile, in priority order; a stage whose compile would not fit the budget stays "
+                   help="stages to compile, in priority order; a stage whose compile would not fit the time limit stays "
                         "eager (default flow_unet,vae_decoder: 87%% of the BFR FLOPs; 'all' adds cond_encoder and swinir, "
                         "48 Swin blocks that take long to compile)")
     p.add_argument("--service-compile-stages", default="on",
@@ -1904,11 +1904,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "it), as FLOWIE_TORCH_COMPILE takes them (default cond_encoder: the quickest to compile)")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend (inductor; 'eager' or 'aot_eager' only to check the script itself)")
-    p.add_argument("--compile-min-s", type=float, default=120.0, help="skip the compile section with less budget left")
+    p.add_argument("--compile-min-s", type=float, default=120.0, help="skip the compile section with less time left")
     p.add_argument("--compile-reserve-s", type=float, default=40.0,
-                   help="leave this much budget after a compile (stages or batch 1 that would not fit are left eager/skipped)")
+                   help="leave this much time after a compile (stages or batch 1 that would not fit are left eager/skipped)")
     p.add_argument("--autotune", choices=("auto", "on", "off"), default="auto",
-                   help="max-autotune flow UNet at batch 1 (auto: only with --autotune-min-s of budget left)")
+                   help="max-autotune flow UNet at batch 1 (auto: only with --autotune-min-s of time left)")
     p.add_argument("--autotune-min-s", type=float, default=240.0)
     p.add_argument("--diffbir-steps", type=int, default=None, help="evaluations of the DiffBIR-style run (default 50; tiny 8)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs per measurement (eager; graphs replay once)")
@@ -1932,8 +1932,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tiny = args.tiny
     if args.device is None:
         args.device = "cpu" if tiny or not torch.cuda.is_available() else "cuda"
-    if args.budget_s is None:
-        args.budget_s = 120.0 if tiny else 400.0
+    if args.time_limit_s is None:
+        args.time_limit_s = 120.0 if tiny else 400.0
     args.batch_sizes = [int(x) for x in (args.batch_sizes or ("1,2" if tiny else "1,4,8,16")).split(",")]
     if args.size is None:
         args.size = 128 if tiny else 512
@@ -1989,7 +1989,7 @@ def _compile_stage_list(value: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    log(f"gpu_bench: device {args.device}, {args.size}px, batches {args.batch_sizes}, budget {args.budget_s:.0f} s, "
+    log(f"gpu_bench: device {args.device}, {args.size}px, batches {args.batch_sizes}, time limit {args.time_limit_s:.0f} s, "
         f"out {args.out}")
     if args.device == "cuda" and not torch.cuda.is_available():
         log("no CUDA device: run with --tiny (CPU) or on the GPU machine")
