@@ -16,6 +16,7 @@ import time
 STARTED = time.monotonic()  # before the heavy imports: the time limit counts them too
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -52,7 +53,8 @@ def _sections(text: str) -> list[str]:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python3 -m loadtests.gpu_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="the tiny test model on the CPU (development and tests)")
-    p.add_argument("--out", type=Path, default=Path("out"), help="folder for gpu_bench.json (default ./out)")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "out"),
+                   help="folder for gpu_bench.json (default $OUT or ./out)")
     p.add_argument("--model", type=Path, default=None, help="a model directory to time (default: random weights)")
     p.add_argument("--preset", default="bfr_v1", help="the random-weight model's config (default bfr_v1)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available; cpu with --tiny)")
