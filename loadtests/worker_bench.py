@@ -13,7 +13,7 @@ What computes (``--compute``):
   GIL released as a thread waiting on the card does, for the time the H200 took per batch of that
   size (fp16 + CUDA graphs, the service's settings, docs/PERF.md) and answers with the input.
   Decoding, batching, encoding and storing are the worker's own. It tells whether the worker gets
-  the overlap that the arithmetic promises; a real card's numbers come from ``gpu_bench.py``.
+  the overlap that the arithmetic promises; a real card's numbers come from ``loadtests/gpu_bench``.
 * ``wait:MS``: the same with MS per image.
 * ``tiny:DIR``: the real pipeline of a converted model directory on the CPU (compute far longer
   than the encoding there: expect no change).
