@@ -31,8 +31,9 @@ def live_flowie(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
         skip_or_fail("the `tiny_model_dir` fixture (tests/conftest.py) is not defined")
     port = free_port()
     log_path = tmp_path_factory.mktemp("flowie_serve") / "serve.log"
+    # The tiny bfr model on the aligned path: the metric checks count its work-size refusals.
     env = clean_env(FLOWIE_HOST="127.0.0.1", FLOWIE_PORT=str(port), FLOWIE_ENV="development",
-                    FLOWIE_LOG_JSON="false")
+                    FLOWIE_LOG_JSON="false", FLOWIE_FACE_MODE="aligned")
     with log_path.open("wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", str(model_dir)],
                                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
