@@ -92,6 +92,8 @@ class QueueFull(_RetryLater):
 
 
 class ServiceUnavailable(_RetryLater):
+    """503; raisers pass ``reason=`` a stable code (``queue_unreachable``, ``warming_up``...) for the body."""
+
     status, title, slug, reason = 503, "Service unavailable", "unavailable", "unavailable"
 
 
@@ -187,8 +189,10 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     async def on_queue_unavailable(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, QueueUnavailableError)
-        return await on_problem(request, ServiceUnavailable(f"the job queue is unavailable ({exc})",
-                                                            retry_after_s=exc.retry_after_s))
+        log.warning("the job queue is unavailable: %s", exc)  # the detail stays in the log
+        return await on_problem(request, ServiceUnavailable("the job queue is unreachable; retry later",
+                                                            retry_after_s=exc.retry_after_s,
+                                                            reason="queue_unreachable"))
 
     app.add_exception_handler(Problem, on_problem)
     app.add_exception_handler(QueueFullError, on_queue_full)

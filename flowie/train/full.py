@@ -41,6 +41,7 @@ from flowie.train import distributed
 from flowie.train.full_data import FullDataset
 from flowie.train.init import VAE_ENCODER, read_init
 from flowie.train.lora import inject_lora
+from flowie.train.prefetch import single_thread_worker
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ class FullTrainer:
             total = self.cfg.steps * self.cfg.accum
             loader = torch.utils.data.DataLoader(_MicroBatches(self, k, total), batch_size=None, shuffle=False,
                                                  num_workers=self.cfg.data_workers, prefetch_factor=4,
-                                                 worker_init_fn=_single_thread)
+                                                 worker_init_fn=single_thread_worker)
             self._prefetch = (k, iter(loader))
         _, batches = self._prefetch
         self._prefetch = (k + 1, batches)
@@ -366,10 +367,6 @@ class _MicroBatches(torch.utils.data.Dataset):
     def __getitem__(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.start + j
         return self.data.batch((k * self.world.size + self.world.rank) * self.batch, self.batch)
-
-
-def _single_thread(_worker_id: int) -> None:
-    torch.set_num_threads(1)
 
 
 class _Logger:

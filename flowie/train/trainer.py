@@ -52,6 +52,7 @@ from flowie.train import losses
 from flowie.train.data import CropSampler, load_images
 from flowie.train.degrade import DegradationRanges
 from flowie.train.lora import inject_lora, merged_state_dict
+from flowie.train.prefetch import Prefetcher
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ class Trainer:
             module.to(self.device)
         self.sampler: CropSampler | None = None
         self._bank: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._prefetch: dict[str, _Prefetcher] = {}
+        self._prefetch: dict[str, Prefetcher] = {}
 
     # ------------------------------------------------------------------ set-up
 
@@ -269,7 +270,7 @@ class Trainer:
 
     def _start_prefetch(self, phase: str, stream: int, start: int, stop: int, degrade: bool = True) -> None:
         if self.cfg.data_workers > 0 and stop > start:
-            self._prefetch[phase] = _Prefetcher(self._phase_sampler(phase), stream, start, stop,
+            self._prefetch[phase] = Prefetcher(self._phase_sampler(phase), stream, start, stop,
                                                 self.cfg.phases[phase].batch, degrade, self.cfg.data_workers)
 
     def _generator(self, phase: str, step: int) -> torch.Generator:
@@ -650,46 +651,6 @@ class Trainer:
         if extra:
             card.update(extra)
         return card
-
-
-class _BatchDataset(torch.utils.data.Dataset):
-    """Batches start..stop-1 of one stream; each a pure function of its index, so workers change nothing."""
-
-    def __init__(self, sampler: CropSampler, stream: int, start: int, stop: int, batch: int, degrade: bool):
-        self.sampler, self.stream, self.start, self.stop = sampler, stream, start, stop
-        self.batch, self.degrade = batch, degrade
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.sampler.batch(self.stream, self.start + k, self.batch, degrade=self.degrade)
-
-
-class _Prefetcher:
-    """Batches made by ``workers`` DataLoader processes, handed out strictly in index order."""
-
-    def __init__(self, sampler: CropSampler, stream: int, start: int, stop: int, batch: int, degrade: bool,
-                 workers: int):
-        dataset = _BatchDataset(sampler, stream, start, stop, batch, degrade)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                                             prefetch_factor=4, worker_init_fn=_single_thread)
-        self.stream, self.degrade, self.next_index, self.stop = stream, degrade, start, stop
-        self._iter = iter(loader)
-
-    def serves(self, stream: int, index: int, degrade: bool) -> bool:
-        return stream == self.stream and degrade == self.degrade and self.next_index <= index < self.stop
-
-    def take(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        while True:  # skip ahead if a batch was not asked for (never in the training loop)
-            clean, lq = next(self._iter)
-            self.next_index += 1
-            if self.next_index - 1 == index:
-                return clean, lq
-
-
-def _single_thread(_worker_id: int) -> None:
-    torch.set_num_threads(1)
 
 
 def _phase_worker(cfg: TrainConfig, phase: str, resume: bool, threads: int, position: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -122,19 +123,45 @@ def test_queue_unreachable_is_503_with_retry_after(make_app, make_settings):
     dead = RedisJobQueue(f"redis://127.0.0.1:{free_port()}/0", tasks=["bfr"])
     with TestClient(make_app(worker=False, queue=dead)) as unreachable:
         response = unreachable.post("/enhance", **upload())
-        problem(response, 503)
+        refused = problem(response, 503)
         assert int(response.headers["retry-after"]) >= 1
+        assert refused["reason"] == "queue_unreachable" and "Error" not in refused["detail"]
         ready = problem(unreachable.get("/readyz"), 503)
         assert "queue unreachable" in ready["detail"]
+        assert ready["reason"] == "queue_unreachable" and ready["checks"]["queue"] == "unreachable"
+        assert "Error" not in response.text + str(ready)  # the connection error stays in the log
 
 
 def test_draining_service_is_503(idle_client):
     idle_client.app.state.draining = True
     try:
-        problem(idle_client.post("/enhance", **upload()), 503)
-        problem(idle_client.get("/readyz"), 503)
+        assert problem(idle_client.post("/enhance", **upload()), 503)["reason"] == "shutting_down"
+        ready = problem(idle_client.get("/readyz"), 503)
+        assert ready["reason"] == "no_worker" and ready["reasons"] == ["no_worker", "shutting_down"]
     finally:
         idle_client.app.state.draining = False
+
+
+def test_model_load_failure_is_503_with_a_reason_and_no_exception_text(make_settings):
+    from service.app import create_app, load_models
+    from service.metrics import Metrics
+    from service.queue.memory import MemoryJobQueue
+    from service.worker import Worker
+
+    def broken_runner():
+        raise RuntimeError("weights missing at /secret/place")
+
+    settings, metrics = make_settings(), Metrics()
+    queue = MemoryJobQueue(settings.max_queue, settings.result_ttl_s)
+    worker = Worker(queue, broken_runner, settings, metrics)
+    with TestClient(create_app(settings, queue, load_models(settings), worker=worker, metrics=metrics)) as http:
+        deadline = time.monotonic() + 30
+        while worker.load_error is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        refused = problem(http.post("/enhance", **upload()), 503)
+        ready = problem(http.get("/readyz"), 503)
+    assert refused["reason"] == ready["reason"] == "model_load_failed"
+    assert "/secret/place" not in refused["detail"] + str(ready)
 
 
 def test_unknown_route_and_method_are_problems(idle_client):

@@ -164,4 +164,5 @@ def test_readyz_says_the_worker_is_warming_up(tiny_runner, make_settings):
         ready = http.get("/readyz")
     assert warming.status_code == 503 and warming.headers["content-type"] == "application/problem+json"
     assert "warming up: bfr 128x128, batch 1 of 1 (1/1)" in warming.json()["detail"]
+    assert warming.json()["reason"] == "warming_up"
     assert ready.status_code == 200
