@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import base64
 import io
+import os
 from pathlib import Path
 
 import numpy as np
