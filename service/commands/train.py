@@ -63,6 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-scale", default="1,3",
                         help="range LO,HI of that extra upscale to train for: crops are degraded at native scale and "
                              "shown LO..HI times larger (default 1,3; '1,1' = native only)")
+    parser.add_argument("--degrade", default=None,
+                        help="training degradation ranges to change, e.g. 'scale=2:4,noise_sigma=1:10,jpeg_quality=40:95' "
+                             "(fields of flowie.train.degrade.DegradationRanges; default: the blind Real-ESRGAN-like "
+                             "ranges, x1 to x4)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--workers", type=int, default=1, choices=[1, 2],
                         help="2: train SwinIR and the VAE at the same time in two processes (threads split between them)")
@@ -84,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from flowie.train.degrade import parse_ranges
     from flowie.train.trainer import ARCHS, PHASES, TrainConfig, Trainer, _default_phases
 
     try:
@@ -104,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
                           flow_bank=args.flow_bank, checkpoint_every=args.checkpoint_every, threads=args.threads,
                           workers=args.workers, work_scale=work_scale, data_workers=args.data_workers,
                           device=args.device, name=args.name, defaults={"min_side": args.min_side},
-                          weights_dtype=args.weights_dtype)
+                          weights_dtype=args.weights_dtype, ranges=parse_ranges(args.degrade))
     except ValueError as exc:
         print(f"flowie train: {exc}", file=sys.stderr)
         return 2
