@@ -175,20 +175,22 @@ def _identity_paste(photo: np.ndarray, detector) -> tuple[np.ndarray, np.ndarray
 
 
 def test_align_identity_paste_gives_back_the_photo(detector):
-    """Pasting the unchanged crop back reproduces the photo: >= 50 dB for a face of typical size
-    (about 90 px: the crop enlarges it, the paste samples it back), exact away from the face."""
-    photo = _skimage_photo("astronaut.png")
-    pasted, touched = _identity_paste(photo, detector)
-    assert _psnr(pasted, photo) >= 50
-    assert np.array_equal(pasted[~touched], photo[~touched])
+    """Pasting the unchanged crop back reproduces the photo over the whole region the face's crop
+    covers (the seam included): >= 58 dB for faces the crop enlarges 3-4 times (measured 61-62 dB
+    with the Lanczos warps, 47-48 dB with bilinear ones), exact away from the face."""
+    for photo in (_skimage_photo("astronaut.png"), _skimage_photo("camera.png")):
+        pasted, touched = _identity_paste(photo, detector)
+        assert _psnr(pasted[touched], photo[touched]) >= 58
+        assert np.array_equal(pasted[~touched], photo[~touched])
 
 
 def test_identity_paste_of_a_large_face_and_a_group(detector):
-    """A 180-px face and a tiled group: two bilinear warps blur a little more (measured 43 dB);
-    every pixel outside the faces' regions is the photo's own."""
+    """A 180-px face (the crop enlarges it 1.5 times) and a tiled group: >= 53 dB over the faces'
+    regions (measured 56 and 58 dB; two bilinear warps gave 39 and 42 dB); every pixel outside
+    them is the photo's own."""
     for photo in (_hopper(), _group_photo()):
         pasted, touched = _identity_paste(photo, detector)
-        assert _psnr(pasted, photo) >= 40
+        assert _psnr(pasted[touched], photo[touched]) >= 53
         assert np.array_equal(pasted[~touched], photo[~touched])
 
 
