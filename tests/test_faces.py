@@ -309,6 +309,33 @@ def test_background_model_restores_the_area_around_the_faces(detector):
         FaceRestorer(IdentityPipeline(), detector).enhance([photo], EnhanceParams(background="model"), [0])
 
 
+def test_parse_masks_decide_what_is_pasted(detector):
+    """The ParseNet glue (our network at 64 px, its mask head made to answer one class everywhere)
+    over a negative background: all background (class 0) pastes nothing; all skin (class 1) pastes
+    the face, so its nose is the photo's again."""
+    import torch
+
+    from flowie.faces.parsenet import FaceParser, ParseNet
+    from flowie.faces.restore import FaceRestorer
+    from flowie.params import EnhanceParams
+
+    photo = _skimage_photo("astronaut.png")
+    net = ParseNet()
+    parser = FaceParser(net, side=64)
+    restorer = FaceRestorer(IdentityPipeline(), detector, background_pipeline=NegativePipeline(), parser=parser)
+    for label in (0, 1):
+        with torch.no_grad():
+            net.out_mask_conv.conv2d.weight.zero_()
+            net.out_mask_conv.conv2d.bias.copy_(10.0 * (torch.arange(19) == label))
+        (result,) = restorer.enhance([photo], EnhanceParams(upscale=1.0), [0])
+        assert len(result.faces) == 1 and "face_parse" in result.timings
+        nose = result.faces[0].landmarks[2].astype(int)
+        if label == 0:
+            assert np.array_equal(result.image, 255 - photo)
+        else:
+            assert np.abs(result.image[nose[1], nose[0]].astype(int) - photo[nose[1], nose[0]]).max() <= 3
+
+
 def test_cli_enhance_faces_detect_writes_the_photo_and_the_crops(detector, tiny_model_dir, tmp_path):
     """`flowie enhance PHOTO --faces detect --save-faces DIR` with the tiny reference BFR model; the
     bundled demo model (task restore) is refused for whole photos."""

@@ -263,6 +263,17 @@ def test_the_network_sees_bgr_minus_the_training_mean(mobile_state, tmp_path):
     np.testing.assert_allclose(seen[0][0, :, 5, 5].numpy(), [30 - 104, 20 - 117, 10 - 123])
 
 
+def _largest_overlap(faces) -> float:
+    """The largest IoU between two of the faces' boxes (x1, y1, x2, y2)."""
+    boxes = np.array([face.box for face in faces])
+    x1, y1 = np.maximum(boxes[:, None, 0], boxes[None, :, 0]), np.maximum(boxes[:, None, 1], boxes[None, :, 1])
+    x2, y2 = np.minimum(boxes[:, None, 2], boxes[None, :, 2]), np.minimum(boxes[:, None, 3], boxes[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    iou = inter / (area[:, None] + area[None, :] - inter)
+    return float(iou[~np.eye(len(boxes), dtype=bool)].max()) if len(boxes) > 1 else 0.0
+
+
 @pytest.mark.parametrize("name", ["retinaface_mobile0.25", "retinaface_resnet50"])
 def test_detection_on_a_real_photo_returns_well_formed_faces(models_dir, name):
     """Random weights, so no claim about where the faces are; the class heads' biases are raised so
@@ -282,13 +293,7 @@ def test_detection_on_a_real_photo_returns_well_formed_faces(models_dir, name):
         assert face.box.shape == (4,) and face.landmarks.shape == (5, 2)
         assert np.isfinite(face.box).all() and np.isfinite(face.landmarks).all()
     # Kept boxes overlap by IoU <= 0.4 (in the detection frame; a uniform scale keeps IoU).
-    boxes = np.array([face.box for face in faces[:50]])
-    x1, y1 = np.maximum(boxes[:, None, 0], boxes[None, :, 0]), np.maximum(boxes[:, None, 1], boxes[None, :, 1])
-    x2, y2 = np.minimum(boxes[:, None, 2], boxes[None, :, 2]), np.minimum(boxes[:, None, 3], boxes[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    iou = inter / (area[:, None] + area[None, :] - inter)
-    assert (iou[~np.eye(len(boxes), dtype=bool)] <= 0.4 + 1e-6).all()
+    assert _largest_overlap(faces[:50]) <= 0.4 + 1e-6
     assert geometry.align(photo, faces[0].landmarks).crop.shape == (512, 512, 3)
 
 
@@ -375,3 +380,34 @@ def test_cli_detects_with_the_retinaface_of_face_models(tiny_model_dir, mobile_s
         assert restored.size == (128, 128)
     assert main([*common, "--face-detector", "retinaface_resnet50"]) == 2
     assert f"{R50_FILE} is missing from the face-models directory" in capsys.readouterr().err
+
+
+def test_detection_maps_the_priors_back_to_the_photo(mobile_state, tmp_path):
+    """Heads reduced to their biases: only the 512-px anchors of the stride-32 level pass, boxes are
+    the priors themselves and the landmarks fixed offsets from their centres. On a 320 x 480 photo
+    (detected at 640 x 960) every face is then a 256-px square centred on a (j + 0.5) x 16 px grid,
+    and its left eye sits 0.1 x 512 / 2 = 25.6 px left of the centre and 12.8 px above it."""
+    from flowie.faces.retinaface import RetinaFace
+
+    state = dict(mobile_state)
+    landmark_offsets = [-1.0, -0.5, 1.0, -0.5, 0.0, 0.0, -0.8, 0.6, 0.8, 0.6]
+    for level in range(3):
+        for head in ("ClassHead", "BboxHead", "LandmarkHead"):
+            state[f"{head}.{level}.conv1x1.weight"] = torch.zeros_like(state[f"{head}.{level}.conv1x1.weight"])
+        passes = [20.0, -20.0, -20.0, 20.0] if level == 2 else [20.0, -20.0, 20.0, -20.0]  # (bg, face) per anchor
+        state[f"ClassHead.{level}.conv1x1.bias"] = torch.tensor(passes)
+        state[f"BboxHead.{level}.conv1x1.bias"] = torch.zeros(8)
+        state[f"LandmarkHead.{level}.conv1x1.bias"] = torch.tensor(landmark_offsets * 2)
+    torch.save(state, tmp_path / MOBILE_FILE)
+    detector = RetinaFace.load("retinaface_mobile0.25", tmp_path)
+    faces = detector.detect(np.full((320, 480, 3), 90, np.uint8))
+    assert faces
+    for face in faces:
+        x1, y1, x2, y2 = face.box
+        assert x2 - x1 == pytest.approx(256, abs=1e-3) and y2 - y1 == pytest.approx(256, abs=1e-3)
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        for c in (cx, cy):
+            assert (c / 16 - 0.5) == pytest.approx(round(c / 16 - 0.5), abs=1e-4)
+        expected = np.array([cx, cy]) + np.array(landmark_offsets).reshape(5, 2) * 0.1 * 256
+        np.testing.assert_allclose(face.landmarks, expected, atol=1e-3)
+    assert len(faces) > 1 and _largest_overlap(faces) <= 0.4 + 1e-6

@@ -45,8 +45,9 @@ MASK_BLUR_SIGMA = 11
 MASK_BORDER = 10
 LEAKY_SLOPE = 0.2
 CHANNEL_RANGE = (32, 256)
-# Faces parsed per network call: bounds the activations (a 512 face holds ~0.5 GB of them).
-PARSE_BATCH = 4
+# Faces parsed per network call: bounds the activations (one 512 face peaks at about 0.6 GB of them,
+# measured on the CPU).
+PARSE_BATCH = 2
 
 
 class ConvLayer(nn.Module):

@@ -97,3 +97,12 @@ def test_a_missing_weights_file_refuses_whole_photos_saying_what_to_put_where(ma
     assert "detection_Resnet50_Final.pth is missing" in detail and "FLOWIE_FACE_MODELS" in detail
     assert str(tmp_path) not in detail
     assert aligned.status_code == 200  # aligned faces are still served
+
+
+def test_the_detector_setting_offers_every_detector_the_worker_knows():
+    import typing
+
+    from flowie.faces.weights import DETECTORS
+    from service.settings import Settings
+
+    assert typing.get_args(Settings.model_fields["face_detector"].annotation) == DETECTORS
