@@ -226,6 +226,13 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _face_models_named(self) -> Settings:
+        if self.face_detector.startswith("retinaface") and not self.face_models:
+            raise ValueError(f"FLOWIE_FACE_DETECTOR={self.face_detector} needs FLOWIE_FACE_MODELS: the directory "
+                             "holding facexlib's weights file (docs/FACES.md)")
+        return self
+
+    @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
         if self.heartbeat_s * 2 > self.visibility_timeout_s:
             raise ValueError(

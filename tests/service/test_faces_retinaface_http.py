@@ -106,3 +106,10 @@ def test_the_detector_setting_offers_every_detector_the_worker_knows():
     from service.settings import Settings
 
     assert typing.get_args(Settings.model_fields["face_detector"].annotation) == DETECTORS
+
+
+def test_a_retinaface_detector_without_face_models_is_refused_at_start():
+    from service.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="FLOWIE_FACE_DETECTOR=retinaface_resnet50 needs FLOWIE_FACE_MODELS"):
+        load_settings(face_detector="retinaface_resnet50")
