@@ -126,11 +126,12 @@ class RetinaFace:
         if len(passed) == 0:
             return []
         frame = torch.tensor([size_w, size_h], dtype=torch.float32, device=self.device)
-        boxes = decode_boxes(offsets[0, passed], priors[passed]) * frame.repeat(2)
-        points = decode_landmarks(landmark_offsets[0, passed], priors[passed]) * frame
-        scores = prob[passed]
+        # The few survivors go to the CPU: NMS is a loop that would wait on the device at every step.
+        boxes = (decode_boxes(offsets[0, passed], priors[passed]) * frame.repeat(2)).cpu()
+        points = (decode_landmarks(landmark_offsets[0, passed], priors[passed]) * frame).cpu()
+        scores = prob[passed].cpu()
         keep = nms(boxes, scores, NMS_IOU, inclusive=False)
-        boxes, scores, points = boxes[keep].cpu().double(), scores[keep].cpu(), points[keep].cpu().double()
+        boxes, scores, points = boxes[keep].double(), scores[keep], points[keep].double()
         sx, sy = width / size_w, height / size_h
         return [Face(box=boxes[i].numpy(), score=float(scores[i]), landmarks=points[i].numpy()).scaled(sx, sy)
                 for i in range(len(keep)) if math.isfinite(float(scores[i]))]
