@@ -28,7 +28,8 @@ class Runner(Protocol):
     def restorers(self) -> dict[str, Any]:
         """Whole photos (faces=detect): a FaceRestorer per face-model task (service.faces_job), made on
         the first whole-photo job, so a worker that never gets one never loads a detector."""
-        return faces_job.build_restorers(self.pipelines, self.config.device, self.face_detector, self.background_task)
+        return faces_job.build_restorers(self.pipelines, self.config.device, self.face_detector, self.background_task,
+                                         self.face_models, self.face_parser)
 
     @property
     def tasks(self) -> list[str]: ...
@@ -63,7 +64,7 @@ class PipelineRunner:
     """One pipeline per task, all on ``config.device``; :meth:`load` builds them from model directories."""
 
     def __init__(self, pipelines: dict[str, Any], config: EngineConfig, face_detector: str = "mtcnn",
-                 background_task: str = "") -> None:
+                 background_task: str = "", face_models: str = "", face_parser: str = "auto") -> None:
         self.pipelines = dict(pipelines)
         self.config = config
         self.device = config.device
@@ -72,10 +73,11 @@ class PipelineRunner:
             for engine in pipe.stages.values():
                 engine.start_warmup()  # until warmup_done: the shapes a worker warms up stay captured
         self.face_detector, self.background_task = face_detector, background_task
+        self.face_models, self.face_parser = face_models, face_parser  # faces_job.build_restorers
 
     @classmethod
     def load(cls, model_dirs: list[Path], config: EngineConfig | None = None, face_detector: str = "mtcnn",
-             background_task: str = "") -> PipelineRunner:
+             background_task: str = "", face_models: str = "", face_parser: str = "auto") -> PipelineRunner:
         """Build every model directory's pipeline with ``engines.build_pipeline``; one model per task."""
         from engines import build_pipeline  # torch: the worker side only
 
@@ -91,13 +93,14 @@ class PipelineRunner:
             pipelines[task] = pipe
             log.info("model loaded", extra={"task": task, "model": pipe.info.name, "device": config.device,
                                             "backend": pipe.backend})
-        return cls(pipelines, config, face_detector, background_task)
+        return cls(pipelines, config, face_detector, background_task, face_models, face_parser)
 
     @functools.cached_property
     def restorers(self) -> dict[str, Any]:
         """Whole photos (faces=detect): a FaceRestorer per face-model task (service.faces_job), made on
         the first whole-photo job, so a worker that never gets one never loads a detector."""
-        return faces_job.build_restorers(self.pipelines, self.config.device, self.face_detector, self.background_task)
+        return faces_job.build_restorers(self.pipelines, self.config.device, self.face_detector, self.background_task,
+                                         self.face_models, self.face_parser)
 
     @property
     def tasks(self) -> list[str]:

@@ -157,9 +157,15 @@ class Settings(BaseSettings):
     face_mode: Literal["auto", "detect", "aligned"] = Field(
         "auto", description="default of the faces field of a face model (task bfr): auto = detect (whole photos, "
         "as the official script), or aligned (each upload is one aligned face)")
-    face_detector: Literal["mtcnn"] = Field(
-        "mtcnn", description="face detector of whole photos (faces=detect); mtcnn runs offline, its weights come "
-        "with the facenet-pytorch wheel")
+    face_detector: Literal["mtcnn", "retinaface_resnet50", "retinaface_mobile0.25"] = Field(
+        "mtcnn", description="face detector of whole photos (faces=detect): mtcnn (weights from the facenet-pytorch "
+        "wheel) or facexlib's RetinaFace, whose weights file must be in FLOWIE_FACE_MODELS")
+    face_models: str = Field(
+        "", max_length=4096, description="directory holding the facexlib weights files the user supplies "
+        "(detection_Resnet50_Final.pth, detection_mobilenet0.25_Final.pth, parsing_parsenet.pth); empty = none")
+    face_parser: Literal["auto", "none"] = Field(
+        "auto", description="paste-back mask of whole photos: auto = ParseNet's face parse when parsing_parsenet.pth "
+        "is in FLOWIE_FACE_MODELS, else the offline ellipse; none = always the ellipse")
     background_task: str = Field(
         "", max_length=64, description="task of the served model that restores the background of whole photos "
         "(background=model, the default when set); empty = background=resize by default")
@@ -218,6 +224,13 @@ class Settings(BaseSettings):
         if value not in ("auto", "off"):
             warmup_sizes(value)  # raises with what is wrong
         return value
+
+    @model_validator(mode="after")
+    def _face_models_named(self) -> Settings:
+        if self.face_detector.startswith("retinaface") and not self.face_models:
+            raise ValueError(f"FLOWIE_FACE_DETECTOR={self.face_detector} needs FLOWIE_FACE_MODELS: the directory "
+                             "holding facexlib's weights file (docs/FACES.md)")
+        return self
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:

@@ -12,6 +12,12 @@ upscale factor 1) does, per face:
 Without ParseNet we take the minimum with a blurred ellipse around the template face instead, so
 that a face's square, which reaches well past its cheeks, does not paint over its neighbours.
 We round the blend to uint8 (the official ``astype`` truncates: half a level darker on average).
+
+Both warps of the face resample with Lanczos (``FACE_INTERPOLATION``) where the official helper
+uses bilinear: two bilinear resamplings soften the photo, so that aligning a face and pasting the
+unchanged crop back gave 39-43 dB around a 180-px face, against 53-62 dB with Lanczos for faces up
+to the crop's size (docs/FACES.md). The crop the face model sees differs from the bilinear one by
+about 3 grey levels RMS, fine detail the bilinear warp loses. The masks keep the official warps.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ FACE_SIZE = FACE_CROP_SIDE
 TEMPLATE = np.array([[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],
                      [201.26117, 371.41043], [313.08905, 371.15118]], dtype=np.float64)
 BORDER_VALUE = (135, 133, 132)
+FACE_INTERPOLATION = cv2.INTER_LANCZOS4
 # The offline face mask in the aligned 512 frame: an ellipse from above the brows to below the
 # chin, about 1.4 eye distances either side of the nose (the template's eyes are 126 px apart).
 ELLIPSE_CENTRE = (256, 290)
@@ -56,8 +63,8 @@ def similarity_to_template(landmarks: np.ndarray) -> np.ndarray:
 def align(photo: np.ndarray, landmarks: np.ndarray) -> Alignment:
     """Warp the face at ``landmarks`` (photo pixels) from uint8 RGB photo [H, W, 3] to the 512 template."""
     affine = similarity_to_template(landmarks)
-    crop = cv2.warpAffine(photo, affine, (FACE_SIZE, FACE_SIZE), borderMode=cv2.BORDER_CONSTANT,
-                          borderValue=BORDER_VALUE)
+    crop = cv2.warpAffine(photo, affine, (FACE_SIZE, FACE_SIZE), flags=FACE_INTERPOLATION,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=BORDER_VALUE)
     return Alignment(crop=crop, affine=affine, inverse=cv2.invertAffineTransform(affine))
 
 
@@ -109,7 +116,7 @@ def paste_faces(background: np.ndarray, restored: list[np.ndarray], inverses: li
         eroded, soft = eroded_and_soft
         shape_mask = _ELLIPSE if crop_mask is None else crop_mask.astype(np.float32)
         soft = np.minimum(soft, np.clip(cv2.warpAffine(shape_mask, local, size, flags=cv2.INTER_CUBIC), 0.0, 1.0))
-        warped = cv2.warpAffine(face, local, size).astype(np.float32) * eroded[:, :, None]
+        warped = cv2.warpAffine(face, local, size, flags=FACE_INTERPOLATION).astype(np.float32) * eroded[:, :, None]
         alpha = soft[:, :, None]
         canvas[top:bottom, left:right] = alpha * warped + (1 - alpha) * canvas[top:bottom, left:right]
     return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flowie.faces.checkpoints import load_state
 from flowie.faces.types import Face
 from flowie.faces.weights import mtcnn_paths
 
@@ -103,46 +104,31 @@ class ONet(nn.Module):
         return self.dense6_2(x), self.dense6_3(x), torch.softmax(self.dense6_1(x), dim=1)[:, 1]
 
 
-def check_torch_file(path: Path) -> None:
-    """Refuse a file that is neither a torch zip archive nor a legacy torch pickle, before loading."""
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":
-        raise ValueError(f"{path} is not a torch state-dict file (it starts with {head!r})")
-
-
-def load_state(module: nn.Module, path: Path) -> nn.Module:
-    """Load ``path`` into ``module`` strictly (weights_only: tensors and plain containers only)."""
-    check_torch_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
-    module.load_state_dict(state, strict=True)
-    return module.eval()
-
-
-def nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, overlap: str = "union") -> torch.Tensor:
+def nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, overlap: str = "union",
+        inclusive: bool = True) -> torch.Tensor:
     """Greedy non-maximum suppression: indices of the kept boxes, best first.
 
-    boxes [N,4] x1, y1, x2, y2 (pixel-inclusive, so a box's width is x2 - x1 + 1); a box is dropped
+    boxes [N,4] x1, y1, x2, y2, pixel-inclusive (a box's width is x2 - x1 + 1, MTCNN's convention) or
+    not (``inclusive=False``: width x2 - x1, RetinaFace's); a box is dropped
     when its overlap with a kept one exceeds ``threshold``: intersection over union, or over the
     smaller area (``overlap="min"``)."""
     order = torch.argsort(scores, descending=True)
     boxes = boxes[order].double()
-    area = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
+    extra = 1.0 if inclusive else 0.0
+    area = (boxes[:, 2] - boxes[:, 0] + extra) * (boxes[:, 3] - boxes[:, 1] + extra)
     x1, y1, x2, y2 = boxes.unbind(1)
-    alive = torch.ones(len(order), dtype=torch.bool)
+    alive = torch.ones(len(order), dtype=torch.bool, device=boxes.device)
     kept = []
     for i in range(len(order)):
         if not alive[i]:
             continue
         kept.append(i)
-        w = (torch.minimum(x2[i], x2[i + 1:]) - torch.maximum(x1[i], x1[i + 1:]) + 1).clamp(min=0)
-        h = (torch.minimum(y2[i], y2[i + 1:]) - torch.maximum(y1[i], y1[i + 1:]) + 1).clamp(min=0)
+        w = (torch.minimum(x2[i], x2[i + 1:]) - torch.maximum(x1[i], x1[i + 1:]) + extra).clamp(min=0)
+        h = (torch.minimum(y2[i], y2[i + 1:]) - torch.maximum(y1[i], y1[i + 1:]) + extra).clamp(min=0)
         inter = w * h
         denominator = torch.minimum(area[i], area[i + 1:]) if overlap == "min" else area[i] + area[i + 1:] - inter
         alive[i + 1:] &= inter / denominator <= threshold
-    return order[torch.tensor(kept, dtype=torch.long)]
+    return order[torch.tensor(kept, dtype=torch.long, device=order.device)]
 
 
 def _regress(boxes: torch.Tensor, reg: torch.Tensor, inclusive: bool = True) -> torch.Tensor:

@@ -126,7 +126,11 @@ class FaceRestorer:
 
         crops = [a.crop for photo in alignments for a in photo]
         restored_crops = self._restore_crops(crops, params, seeds, alignments, timings)
-        masks = self.parser(restored_crops) if self.parser is not None and restored_crops else None
+        masks = None
+        if self.parser is not None and restored_crops:
+            t0 = time.perf_counter()
+            masks = self.parser(restored_crops)
+            timings["face_parse"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         backgrounds = self._backgrounds(works, background_mode, params, seeds)

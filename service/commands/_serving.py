@@ -50,7 +50,8 @@ def runner_factory(settings: Any, models: dict) -> Any:
         from service.runner import PipelineRunner  # torch: the worker side only
 
         return PipelineRunner.load(model_dirs, settings.engine_config(), face_detector=settings.face_detector,
-                                   background_task=settings.background_task)
+                                   background_task=settings.background_task, face_models=settings.face_models,
+                                   face_parser=settings.face_parser)
 
     return load_runner
 

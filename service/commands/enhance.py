@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from flowie.faces.weights import DETECTORS
 from flowie.params import COLOR_FIXES, FACE_MODES, SAMPLERS, TILE_MODES
 from service.commands._options import add_engine_overrides_argument
 
@@ -43,6 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --faces detect: the area around the faces, the face model's stage 1 or a resize")
     parser.add_argument("--save-faces", default=None, metavar="DIR",
                         help="with --faces detect: write each aligned crop and its restored face to DIR")
+    parser.add_argument("--face-detector", choices=DETECTORS,
+                        default="mtcnn", help="with --faces detect: mtcnn (offline, the facenet-pytorch wheel's "
+                        "weights) or facexlib's RetinaFace (its file in --face-models)")
+    parser.add_argument("--face-models", default="", metavar="DIR",
+                        help="directory holding facexlib's detection_Resnet50_Final.pth, "
+                             "detection_mobilenet0.25_Final.pth and/or parsing_parsenet.pth")
+    parser.add_argument("--face-parser", choices=("auto", "none"), default="auto",
+                        help="auto: ParseNet's mask for the paste-back when parsing_parsenet.pth is in "
+                             "--face-models; none: the offline ellipse")
 
 
 def _read_inputs(paths: list[str]):
@@ -147,16 +157,17 @@ def _enhance_photos(args: argparse.Namespace, pipe, params, items, out_dir) -> i
 
     from PIL import Image
 
-    from flowie.faces.mtcnn import MTCNN
     from flowie.faces.restore import FaceRestorer
     from flowie.faces.weights import FaceWeightsError
+    from service.faces_job import load_detector, load_parser
 
     if pipe.info.task != "bfr":
         print(f"flowie enhance: --faces detect needs a face model (task bfr), not {pipe.info.task!r}", file=sys.stderr)
         return 2
     try:
-        restorer = FaceRestorer(pipe, MTCNN.load(args.device))
-    except FaceWeightsError as exc:
+        restorer = FaceRestorer(pipe, load_detector(args.face_detector, args.device, args.face_models),
+                                parser=load_parser(args.face_parser, args.face_models, args.device))
+    except (FaceWeightsError, ValueError) as exc:
         print(f"flowie enhance: {exc}", file=sys.stderr)
         return 2
     params = dataclasses.replace(params, faces="detect", background=args.background)

@@ -30,6 +30,6 @@ async def list_models(service: Service) -> ModelsResponse:
                  "output_format": list(OUTPUT_FORMATS),
                  "input_format": ["png", "jpeg", "webp", "bmp", "tiff", "gif"],
                  "faces": list(FACE_MODES), "background": list(BACKGROUNDS)},
-        face_detectors=available_detectors(),
+        face_detectors=available_detectors(settings.face_models),
         face_detector=settings.face_detector,
     )
