@@ -109,3 +109,35 @@ def test_crop_sampler_is_a_pure_function_of_seed_stream_and_index():
     # Degraded and clean crops show the same place: they correlate strongly.
     corr = np.corrcoef(clean.numpy().ravel(), lq.numpy().ravel())[0, 1]
     assert corr > 0.7
+
+
+def test_degradation_ranges_from_text_replace_only_the_named_fields():
+    ranges = degrade.parse_ranges("scale=2:4, noise_sigma=1:10,jpeg_quality=40:95,jpeg_prob=0.5")
+    assert ranges.scale == (2.0, 4.0) and ranges.noise_sigma == (1.0, 10.0)
+    assert ranges.jpeg_quality == (40, 95) and ranges.jpeg_prob == 0.5
+    assert ranges.blur_sigma == DegradationRanges().blur_sigma == (0.2, 3.0)
+    assert degrade.parse_ranges("scale=3").scale == (3.0, 3.0)
+    assert degrade.parse_ranges(None) == DegradationRanges()
+    rng = np.random.default_rng(5)
+    drawn = [degrade.sample_params(rng, degrade.parse_ranges("scale=2:3")).scale for _ in range(200)]
+    assert 2.0 <= min(drawn) and max(drawn) <= 3.0
+
+
+@pytest.mark.parametrize("text, message", [
+    ("scale=4:2", "scale=LO:HI"), ("jpeg_prob=1.5", "probability"), ("sharpen=1:2", "unknown degradation field 'sharpen'"),
+    ("noise_sigma=a:b", "noise_sigma=LO:HI"), ("jpeg_quality=50:120", "0..100"), ("scale=0.5:2", "scale start at 1"),
+])
+def test_bad_degradation_ranges_are_refused_naming_the_item(text, message):
+    with pytest.raises(ValueError, match=message):
+        degrade.parse_ranges(text)
+
+
+def test_flowie_train_refuses_bad_degradation_ranges_before_training(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "service.cli", "train", "--out", str(tmp_path / "m"), "--degrade", "scale=4:2"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "flowie train: degradation 'scale=4:2'" in done.stderr
+    assert not (tmp_path / "m").exists()

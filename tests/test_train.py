@@ -188,3 +188,13 @@ def test_rectified_flow_conventions():
     assert abs(float(ts.mean()) - 500.0) < 15
     zero = torch.zeros(2, 4, 3, 3)
     assert float(losses.kl_divergence(zero, zero)) == 0.0
+
+
+def test_content_rescale_reaches_the_crops_and_the_checkpoint_fingerprint(images, tmp_path):
+    default = Trainer(_config(images, tmp_path / "a"))
+    wide = Trainer(_config(images, tmp_path / "b", rescale=(0.25, 1.0)))
+    assert default._sampler().rescale == (0.5, 1.0) and wide._sampler().rescale == (0.25, 1.0)
+    # The default stays out of the fingerprint (checkpoints written before the option resume); another range is in it.
+    assert "rescale" not in json.loads(default.phase_fingerprint("swinir"))["common"]
+    assert json.loads(wide.phase_fingerprint("vae"))["common"]["rescale"] == [0.25, 1.0]
+    assert default.phase_fingerprint("flow") != wide.phase_fingerprint("flow")

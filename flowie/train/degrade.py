@@ -121,47 +121,6 @@ class DegradationParams:
         return asdict(self)
 
 
-RANGE_FIELDS = ("blur_sigma", "generalized_beta", "scale", "noise_sigma", "poisson_scale", "jpeg_quality")
-PROBABILITY_FIELDS = ("blur_prob", "gaussian_noise_prob", "gray_noise_prob", "jpeg_prob")
-
-
-def parse_ranges(text: str | None, base: DegradationRanges | None = None) -> DegradationRanges:
-    """'scale=2:4,noise_sigma=1:10,jpeg_prob=0.8' -> ``base`` with those fields replaced.
-
-    Range fields take LO:HI (LO <= HI), probabilities one number in [0, 1]; ValueError names
-    the offending item.
-    """
-    ranges = base or DegradationRanges()
-    if not text or not text.strip():
-        return ranges
-    changes: dict = {}
-    for item in text.split(","):
-        name, _, value = (part.strip() for part in item.partition("="))
-        try:
-            if name in RANGE_FIELDS:
-                lo, sep, hi = value.partition(":")
-                cast = int if name == "jpeg_quality" else float
-                pair = (cast(lo), cast(hi)) if sep else (cast(lo), cast(lo))
-                if pair[0] > pair[1] or pair[0] < 0:
-                    raise ValueError
-                changes[name] = pair
-            elif name in PROBABILITY_FIELDS:
-                changes[name] = float(value)
-                if not 0.0 <= changes[name] <= 1.0:
-                    raise ValueError
-            else:
-                fields = ", ".join(RANGE_FIELDS + PROBABILITY_FIELDS)
-                raise KeyError(f"unknown degradation field {name!r}; fields are {fields}")
-        except ValueError:
-            kind = "LO:HI with 0 <= LO <= HI" if name in RANGE_FIELDS else "a probability in [0, 1]"
-            raise ValueError(f"degradation {item.strip()!r}: expected {name}={kind}") from None
-        except KeyError as exc:
-            raise ValueError(exc.args[0]) from None
-    if changes.get("jpeg_quality", (1, 100))[1] > 100 or changes.get("scale", (1.0, 1.0))[0] < 1.0:
-        raise ValueError("degradation: jpeg_quality must lie within 0..100 and scale start at 1 or more")
-    return replace(ranges, **changes)
-
-
 # Fixed evaluation degradations. ``x4_bar``: the demo model's quality bar (x4 bicubic down, blur
 # sigma 1.5, Gaussian noise 5/255, JPEG q60, served back at the original size).
 PRESETS: dict[str, DegradationParams] = {

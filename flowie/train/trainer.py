@@ -20,9 +20,8 @@ Determinism: batch k of a phase depends only on (seed, phase, k), noise and t co
 generator seeded the same way, and initial weights from ``seed``; so a run resumed from a
 checkpoint continues exactly as the uninterrupted run would (same thread count).
 
-Checkpoints (``checkpoint_dir/state.pt``, written atomically every ``checkpoint_every`` steps
-and at the end of each phase) hold every network, the optimiser of the current phase and the
-history; they are read back with ``weights_only=True``.
+Checkpoints (one file a phase in ``checkpoint_dir``, written atomically every ``checkpoint_every``
+steps and at a phase's end) hold its networks, optimiser and history; read with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -98,12 +97,10 @@ DEMO_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks
 # name -> (SwinIR, VAE, UNet). "tiny" is for tests: every stage as small as its GroupNorms allow.
 ARCHS: dict[str, tuple[SwinIRConfig, VaeConfig, UNetConfig]] = {
     "demo": (DEMO_SWINIR, DEMO_VAE, DEMO_UNET),
-    "tiny": (
-        SwinIRConfig(img_size=8, embed_dim=16, depths=(1,), num_heads=(2,), window_size=8, num_feat=16),
-        VaeConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1),
-        UNetConfig(model_channels=32, channel_mult=(1, 1), num_res_blocks=1, attention_resolutions=(2,),
-                   num_head_channels=32, context_dim=32),
-    ),
+    "tiny": (SwinIRConfig(img_size=8, embed_dim=16, depths=(1,), num_heads=(2,), window_size=8, num_feat=16),
+             VaeConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1),
+             UNetConfig(model_channels=32, channel_mult=(1, 1), num_res_blocks=1, attention_resolutions=(2,),
+                        num_head_channels=32, context_dim=32)),
 }
 
 
@@ -129,6 +126,8 @@ class TrainConfig:
     # Range of the extra upscale f the service applies before the networks (min_side): crops are
     # degraded at native scale and shown to the networks f times larger, as served.
     work_scale: tuple[float, float] = (1.0, 3.0)
+    # Content scale r of the crops: a source region 1/r times the crop, shrunk (large photos, denser detail).
+    rescale: tuple[float, float] = (0.5, 1.0)
     checkpoint_every: int = 200
     threads: int = 2
     workers: int = 1  # 2: train stage 1 and the VAE in parallel processes
@@ -243,9 +242,9 @@ class Trainer:
 
     def _sampler(self) -> CropSampler:
         if self.sampler is None:
-            self.sampler = CropSampler(load_images(self.cfg.images), crop=min(p.crop for p in self.cfg.phases.values()),
-                                       seed=self.cfg.seed, ranges=self.cfg.ranges,
-                                       work_scale=tuple(self.cfg.work_scale))  # type: ignore[arg-type]
+            crop, rescale, work_scale = min(p.crop for p in self.cfg.phases.values()), self.cfg.rescale, self.cfg.work_scale
+            self.sampler = CropSampler(load_images(self.cfg.images), crop=crop, seed=self.cfg.seed, ranges=self.cfg.ranges,
+                                       rescale=tuple(rescale), work_scale=tuple(work_scale))  # type: ignore[arg-type]
         return self.sampler
 
     def phase_config(self, phase: str) -> PhaseConfig:
@@ -491,6 +490,8 @@ class Trainer:
         """The options a phase's result depends on (its own and its upstream phases'), not its step count."""
         cfg = self.cfg.fingerprint()
         common = {k: cfg[k] for k in ("images", "seed", "work_scale", "init_from")}
+        if tuple(cfg["rescale"]) != (0.5, 1.0):  # left out at its default, so older checkpoints resume
+            common["rescale"] = cfg["rescale"]
         own = {
             "swinir": {"swinir": cfg["swinir"], "ranges": cfg["ranges"], "ssim_weight": cfg["ssim_weight"]},
             "vae": {"vae": cfg["vae"], "kl_weight": cfg["kl_weight"]},

@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-scale", default="1,3",
                         help="range LO,HI of that extra upscale to train for: crops are degraded at native scale and "
                              "shown LO..HI times larger (default 1,3; '1,1' = native only)")
+    parser.add_argument("--rescale", default="0.5,1",
+                        help="range LO,HI of the content scale of the crops: a crop shows a source region 1/r times "
+                             "larger, shrunk (default 0.5,1; a lower LO gives large photos' crops more detail)")
     parser.add_argument("--degrade", default=None,
                         help="training degradation ranges to change, e.g. 'scale=2:4,noise_sigma=1:10,jpeg_quality=40:95' "
                              "(fields of flowie.train.degrade.DegradationRanges; default: the blind Real-ESRGAN-like "
@@ -102,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
         swinir, vae, unet = ARCHS[args.arch]
         lo, _, hi = args.work_scale.partition(",")
         work_scale = (float(lo), float(hi or lo))
+        lo, _, hi = args.rescale.partition(",")
+        rescale = (float(lo), float(hi or lo))
+        if not 0.0 < rescale[0] <= rescale[1] <= 1.0:
+            raise ValueError(f"--rescale must be LO,HI with 0 < LO <= HI <= 1, got {args.rescale}")
         cfg = TrainConfig(out=args.out, images=args.images, checkpoint_dir=args.checkpoint_dir, seed=args.seed,
                           phases=phases, swinir=swinir, vae=vae, unet=unet, kl_weight=args.kl_weight,
                           ssim_weight=args.ssim_weight, lora_rank=args.lora_rank, init_unet=args.init_unet,
@@ -109,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
                           flow_bank=args.flow_bank, checkpoint_every=args.checkpoint_every, threads=args.threads,
                           workers=args.workers, work_scale=work_scale, data_workers=args.data_workers,
                           device=args.device, name=args.name, defaults={"min_side": args.min_side},
-                          weights_dtype=args.weights_dtype, ranges=parse_ranges(args.degrade))
+                          weights_dtype=args.weights_dtype, ranges=parse_ranges(args.degrade), rescale=rescale)
     except ValueError as exc:
         print(f"flowie train: {exc}", file=sys.stderr)
         return 2
