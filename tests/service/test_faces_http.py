@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import skip_or_fail
 from PIL import Image
 from svc_helpers import decode, png
 
@@ -29,11 +29,8 @@ def _astronaut_png(size: int = 256) -> bytes:
 def needs_mtcnn():
     from flowie.faces.weights import mtcnn_dir
 
-    if mtcnn_dir() is None:
-        message = "MTCNN weights missing: pip install --no-deps facenet-pytorch==2.6.0"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)  # .ci/run installs them: a missing wheel in CI is a broken install
-        pytest.skip(message)
+    if mtcnn_dir() is None:  # .ci/run installs them: a missing wheel in CI is a broken install
+        skip_or_fail("MTCNN weights missing: pip install --no-deps facenet-pytorch==2.6.0")
 
 
 @pytest.fixture(scope="module")
