@@ -13,12 +13,14 @@ T_SCALE = 999.0
 
 
 def l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (pred - target).abs().mean()
+    # Losses are taken in float32 also under bf16 autocast (the networks' outputs are bf16 there).
+    return (pred.float() - target.float()).abs().mean()
 
 
 def ssim_loss(pred: torch.Tensor, target: torch.Tensor, window: int = 7) -> torch.Tensor:
     """1 - mean SSIM with a uniform ``window`` (cheap, differentiable; for the optional SSIM term)."""
     c1, c2 = 0.01**2, 0.03**2
+    pred, target = pred.float(), target.float()
     pool = lambda x: F.avg_pool2d(x, window, stride=1)  # noqa: E731
     mu_p, mu_t = pool(pred), pool(target)
     var_p = pool(pred * pred) - mu_p**2
@@ -41,6 +43,7 @@ def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.
 
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, exp(logvar)) || N(0, I)), summed over the latent and averaged over the batch (ldm)."""
+    mean, logvar = mean.float(), logvar.float()
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3)).mean()
 
 
@@ -61,4 +64,4 @@ def flow_loss(velocity_fn, x_0: torch.Tensor, x_T: torch.Tensor, t: torch.Tensor
     """MSE between ``velocity_fn(x_t, t * 999)`` and x_0 - x_T."""
     x_t, target = rectified_flow_inputs(x_0, x_T, t)
     v = velocity_fn(x_t, t * T_SCALE)
-    return F.mse_loss(v, target)
+    return F.mse_loss(v.float(), target.float())

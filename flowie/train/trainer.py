@@ -26,13 +26,13 @@ steps and at a phase's end) hold its networks, optimiser and history; read with 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import logging
 import math
 import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -47,7 +47,8 @@ from flowie.modeldir import write_model_json
 from flowie.nets.flow_unet import FlowUNet, UNetConfig
 from flowie.nets.swinir import SwinIR, SwinIRConfig
 from flowie.nets.vae import CondEncoder, VaeConfig, VaeDecoder
-from flowie.train import losses
+from flowie.train import card, losses
+from flowie.train.budget import StepBudget
 from flowie.train.data import CropSampler, load_images
 from flowie.train.degrade import DegradationRanges
 from flowie.train.lora import inject_lora, merged_state_dict
@@ -71,6 +72,9 @@ class PhaseConfig:
     crop: int = 64
     lr: float = 2e-4
     warmup: int = 50
+    # > 0: at most this many minutes (set-up included): the step count is cut to what the measured
+    # speed fits, and the learning-rate schedule follows the cut count (for a fixed-length GPU run).
+    minutes: float = 0.0
 
 
 def _default_phases() -> dict[str, PhaseConfig]:
@@ -137,6 +141,7 @@ class TrainConfig:
     # dtype of the written weights: float16 halves the model directory (the demo's 25 MB budget);
     # the loader casts to the serving dtype, and training itself always runs in float32.
     weights_dtype: str = "float32"
+    bf16: bool = False  # bfloat16 autocast of the forward passes (GPU runs); weights and optimiser stay float32
     defaults: dict = field(default_factory=lambda: {"min_side": 1024})  # overrides of model.json defaults
     ranges: DegradationRanges = field(default_factory=DegradationRanges)
 
@@ -153,10 +158,12 @@ class TrainConfig:
     def fingerprint(self) -> dict:
         """What must match for a checkpoint to be resumed (not paths, thread counts or the device)."""
         data = self.to_dict()
-        for key in ("out", "checkpoint_dir", "threads", "workers", "data_workers", "device", "checkpoint_every", "name", "defaults"):
+        for key in ("out", "checkpoint_dir", "threads", "workers", "data_workers", "device", "checkpoint_every", "name", "defaults",
+                    "bf16"):
             data.pop(key)
         for phase in data["phases"].values():
             phase.pop("steps")  # more steps may be asked for on resume
+            phase.pop("minutes")
         return json.loads(json.dumps(data))
 
 
@@ -264,7 +271,8 @@ class Trainer:
         if prefetch is not None and prefetch.serves(stream, index, degrade):
             clean, lq = prefetch.take(index)
         else:
-            clean, lq = self._phase_sampler(phase).batch(stream, index, self.phase_config(phase).batch, degrade=degrade)
+            with torch.autocast("cpu", enabled=False):  # the degradation is float32 data work, never autocast
+                clean, lq = self._phase_sampler(phase).batch(stream, index, self.phase_config(phase).batch, degrade=degrade)
         return clean.to(self.device), lq.to(self.device)
 
     def _start_prefetch(self, phase: str, stream: int, start: int, stop: int, degrade: bool = True) -> None:
@@ -276,6 +284,11 @@ class Trainer:
         # Noise for the flow / posterior samples: a pure function of (seed, phase, step).
         key = f"{self.cfg.seed}:{phase}:{step}".encode()
         return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
+
+    def _autocast(self):
+        if not self.cfg.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def trainable(self, phase: str) -> list[nn.Parameter]:
         if phase == "swinir":
@@ -322,7 +335,7 @@ class Trainer:
         """(posterior mean, logvar of the clean crop, scaled hint c_latent of the SwinIR output)."""
         mean, logvar = losses.split_moments(self.vae_encoder.moments(clean), self.cfg.vae.embed_dim)
         c_latent = self.cond_encoder.moments(self.swinir(lq))[:, : self.cfg.vae.embed_dim] * self.scale_factor
-        return mean, logvar, c_latent
+        return mean.float(), logvar.float(), c_latent.float()
 
     def flow_loss(self, step: int) -> dict[str, torch.Tensor]:
         gen = self._generator("flow", step)
@@ -349,7 +362,8 @@ class Trainer:
         parts: list[tuple[torch.Tensor, ...]] = []
         for index in range(batches):
             clean, lq = self._batch("flow", index, stream=BANK_STREAM)
-            parts.append(self.frozen_latents(clean, lq))
+            with self._autocast():
+                parts.append(self.frozen_latents(clean, lq))
             if self.progress:
                 self.progress("flow bank", index + 1, batches, {})
         self._prefetch.pop("flow", None)
@@ -372,9 +386,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def _lr(self, pc: PhaseConfig, step: int) -> float:
+    def _lr(self, pc: PhaseConfig, step: int, total: int) -> float:
         warm = min(1.0, (step + 1) / max(1, pc.warmup))
-        progress = min(1.0, step / max(1, pc.steps))
+        progress = min(1.0, step / max(1, total))
         return pc.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     def run(self, resume: bool = False) -> None:
@@ -438,10 +452,13 @@ class Trainer:
         loss_fn = {"swinir": self.swinir_loss, "vae": self.vae_loss, "cond_encoder": self.cond_loss,
                    "flow": self.flow_loss}[phase]
         ema: dict[str, float] = dict(hist.get("ema") or {})
-        for step in range(start, pc.steps):
+        budget = StepBudget(pc.minutes * 60.0, started, pc.steps) if pc.minutes > 0 else None
+        total, step = pc.steps, start
+        while step < total:
             for group in opt.param_groups:
-                group["lr"] = self._lr(pc, step)
-            out = loss_fn(step)
+                group["lr"] = self._lr(pc, step, total)
+            with self._autocast():
+                out = loss_fn(step)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -452,18 +469,23 @@ class Trainer:
             for k, v in values.items():
                 ema[k] = v if k not in ema else 0.98 * ema[k] + 0.02 * v
             hist.update(steps=step + 1, last=values, ema=dict(ema))
+            step += 1
+            if budget is not None:
+                total = budget.fit(step, time.perf_counter())
             if self.progress:
-                self.progress(phase, step + 1, pc.steps, ema)
-            if (step + 1) % self.cfg.checkpoint_every == 0 and step + 1 < pc.steps:
+                self.progress(phase, step, total, ema)
+            if step % self.cfg.checkpoint_every == 0 and step < total:
                 hist["seconds"] += time.perf_counter() - started
                 started = time.perf_counter()
-                self.save_phase(phase, step + 1, opt.state_dict(), complete=False)
+                self.save_phase(phase, step, opt.state_dict(), complete=False)
         hist["seconds"] += time.perf_counter() - started
+        if total < pc.steps:
+            hist["cut_by_minutes"] = pc.minutes
         self._prefetch.pop(phase, None)
         for p in params:
             p.requires_grad_(False)
         self.done.append(phase)
-        self.save_phase(phase, pc.steps, None, complete=True)
+        self.save_phase(phase, step, None, complete=True)
 
     @torch.no_grad()
     def measure_scale_factor(self, batches: int = 8) -> float:
@@ -539,7 +561,9 @@ class Trainer:
         for name in PHASE_MODULES[phase]:
             self.modules()[name].load_state_dict(state["modules"][name])
         self.history[phase] = json.loads(state["history"])
-        complete = bool(state["complete"]) and int(state["step"]) >= self.cfg.phases[phase].steps
+        history = self.history[phase]
+        complete = bool(state["complete"]) and (int(state["step"]) >= self.cfg.phases[phase].steps
+                                                or "cut_by_minutes" in history)
         if require_complete and not complete:
             raise RuntimeError(f"{path} is not a finished {phase} phase")
         if complete:
@@ -617,41 +641,7 @@ class Trainer:
                 "decoder_latent_tile": 72, "decoder_latent_stride": 64, "pixel_tile": 576, "pixel_stride": 512}
 
     def model_card(self, extra: dict | None = None) -> dict:
-        cfg = self.cfg
-        phases = {}
-        for phase in PHASES:
-            if phase not in cfg.phases:
-                continue
-            hist = self.history.get(phase, {})
-            pc = cfg.phases[phase]
-            phases[phase] = {**asdict(pc), "steps_done": hist.get("steps", 0), "seconds": round(hist.get("seconds", 0.0), 1),
-                             "loss_first": hist.get("first"), "loss_last_ema": hist.get("ema")}
-        card = {
-            "description": "Small FlowIE-architecture model trained from scratch on CPU by `flowie train`: "
-                           "general restoration x1-x4 (blur, downsampling, noise, JPEG). A demo, not the official weights.",
-            "data": {"images": cfg.images, "split": _split_note(cfg.images),
-                     "files": list(self._sampler().names), "crop_work_scale": list(cfg.work_scale),
-                     "degradation": {"order": "blur -> downsample -> noise -> JPEG -> bicubic up", **cfg.ranges.to_dict()}},
-            "objectives": {
-                "swinir": "L1" + (f" + {cfg.ssim_weight} x (1 - SSIM)" if cfg.ssim_weight else "") + " to the clean crop",
-                "vae": f"L1 reconstruction + {cfg.kl_weight:g} x KL; scale_factor = 1/std(latent mean)",
-                "cond_encoder": "init from the VAE encoder; MSE of its latent of the SwinIR output to the VAE latent "
-                                "of the clean crop",
-                "flow": "rectified flow: x_t = t x_T + (1-t) x_0, t ~ U(0,1] seen as t*999, MSE to v = x_0 - x_T, "
-                        "hint = cond latent of the SwinIR output"
-                        + (f"; LoRA rank {cfg.lora_rank} on a frozen base UNet" if cfg.lora_rank else ""),
-            },
-            "null_context": {"shape": list(self.null_context.shape), "how": f"torch.randn with seed {cfg.seed + 77}",
-                             "why": "the demo has no text encoder; the constant context stands in for the null prompt"},
-            "training": {"seed": cfg.seed, "threads": cfg.threads, "workers": cfg.workers, "device": cfg.device,
-                         "torch": torch.__version__, "machine": platform.machine(), "init_from": cfg.init_from,
-                         "phases": phases,
-                         "wall_seconds": round(_wall_seconds(phases, parallel=cfg.workers > 1), 1)},
-            "scale_factor": self.scale_factor,
-        }
-        if extra:
-            card.update(extra)
-        return card
+        return card.model_card(self, PHASES, extra)
 
 
 def _phase_worker(cfg: TrainConfig, phase: str, resume: bool, threads: int, position: int) -> None:
@@ -680,21 +670,3 @@ def _phase_worker(cfg: TrainConfig, phase: str, resume: bool, threads: int, posi
         bar.update(step - bar.n)
         trainer.train_phase(phase, step, optim_state)
     bar.close()
-
-
-def _wall_seconds(phases: dict[str, dict], parallel: bool) -> float:
-    """Training wall-clock: with workers > 1 stage 1 and the VAE overlap, so only the longer counts."""
-    seconds = {p: float(v["seconds"]) for p, v in phases.items()}
-    if parallel and "swinir" in seconds and "vae" in seconds:
-        return sum(seconds.values()) - min(seconds["swinir"], seconds["vae"])
-    return sum(seconds.values())
-
-
-def _split_note(images: str) -> str:
-    if images == "skimage":
-        from flowie.train.data import SKIMAGE_HOLDOUT, SKIMAGE_TRAIN
-
-        return f"scikit-image colour images {', '.join(SKIMAGE_TRAIN)}; held out: {', '.join(SKIMAGE_HOLDOUT)}"
-    if not Path(images).is_dir():
-        return f"the images listed in files ({images}); scikit-image's coffee and rocket are never trained on"
-    return f"all images in {images}"

@@ -41,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", default=None, help="batch size: N or per phase, like --steps")
     parser.add_argument("--crop", default=None, help="crop size in pixels (multiple of 64): N or per phase")
     parser.add_argument("--lr", default=None, help="peak learning rate: X or per phase")
+    parser.add_argument("--minutes", default=None,
+                        help="time budget per phase: M or per phase like --steps (e.g. 'swinir=3,vae=2.5'); a phase "
+                             "stops after fewer steps when its minutes run out, the schedule fitted to the steps that fit "
+                             "(for a fixed-length GPU run; default: no limit)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bfloat16 autocast for the forward passes (GPU runs; weights and optimiser stay float32)")
     parser.add_argument("--arch", default="demo", choices=["demo", "tiny", "full"],
                         help="network sizes (tiny: for tests; full: the official recipe on a `flowie init` directory)")
     parser.add_argument("--seed", type=int, default=0, help="seeds weights, crops, degradations and noise (default 0)")
@@ -96,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         phases = _default_phases()
-        for what, cast in (("steps", int), ("batch", int), ("crop", int), ("lr", float)):
+        for what, cast in (("steps", int), ("batch", int), ("crop", int), ("lr", float), ("minutes", float)):
             for phase, value in _per_phase(getattr(args, what), cast, what).items():
                 setattr(phases[phase], what, value)
         bad = [f"{p}={c.crop}" for p, c in phases.items() if c.crop % 64 or c.crop <= 0]
@@ -116,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
                           flow_bank=args.flow_bank, checkpoint_every=args.checkpoint_every, threads=args.threads,
                           workers=args.workers, work_scale=work_scale, data_workers=args.data_workers,
                           device=args.device, name=args.name, defaults={"min_side": args.min_side},
-                          weights_dtype=args.weights_dtype, ranges=parse_ranges(args.degrade), rescale=rescale)
+                          weights_dtype=args.weights_dtype, bf16=args.bf16, ranges=parse_ranges(args.degrade), rescale=rescale)
     except ValueError as exc:
         print(f"flowie train: {exc}", file=sys.stderr)
         return 2
@@ -130,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
                 old.close()
             bar = bars[phase] = tqdm(total=total, initial=step - 1, desc=phase, unit="step", file=sys.stderr,
                                      mininterval=2.0, dynamic_ncols=True)
+        if bar.total != total:  # a phase's --minutes cut its step count
+            bar.total = total
         bar.update(step - bar.n)
         if losses:
             bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items() if k != "loss" or len(losses) == 1}, refresh=False)

@@ -1,8 +1,8 @@
 """`flowie train --arch full`: the official FlowIE recipe on a `flowie init` directory (torchrun for many GPUs).
 
 The options shared with the small-model trainer (--images, --out, --steps, --batch, --crop, --lr,
---seed, --resume, --checkpoint-dir, --checkpoint-every, --lora-rank, --threads, --device, --name)
-are defined by service/commands/train.py; this module adds the full recipe's own and runs it.
+--seed, --resume, --checkpoint-dir, --checkpoint-every, --lora-rank, --threads, --device, --name,
+--bf16) are defined by service/commands/train.py; this module adds the full recipe's own and runs it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--degradation", default="face", choices=["face", "general"],
                        help="face: CodeFormer-style on aligned faces; general: Real-ESRGAN second order (default face)")
     group.add_argument("--accum", type=int, default=1, help="micro-batches per optimiser step (default 1)")
-    group.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes")
     group.add_argument("--grad-checkpointing", action="store_true",
                        help="recompute block activations in the backward pass (less activation memory, more compute)")
     group.add_argument("--export-every", type=int, default=0,
@@ -49,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if not args.init:
             raise ValueError("--arch full needs --init INIT_DIR (made by `flowie init`)")
+        if getattr(args, "minutes", None):
+            raise ValueError("--minutes is for the demo and tiny architectures; with --arch full set --steps")
         cfg = FullConfig(init=args.init, images=args.images, out=args.out, steps=_one(args.steps, int, 1000, "steps"),
                          batch=_one(args.batch, int, 1, "batch"), accum=args.accum, crop=_one(args.crop, int, 512, "crop"),
                          lr=_one(args.lr, float, 1e-4, "lr"), lora_rank=args.lora_rank, degradation=args.degradation,
