@@ -60,7 +60,11 @@ def test_evaluate_measures_every_method_and_writes_table_json_and_grid(tiny_mode
     md = report.markdown()
     assert "| degraded input (bicubic) |" in md and "full: Euler-4 (4 NFE)" in md
     assert "LPIPS / FID / MANIQA: not computed" in md
-    assert set(report.bar()) == {"gain_over_input_db", "required_gain_db", "mean_value_minus_euler_db", "passed"}
+    bar = report.bar()
+    assert bar["default_sampler"] == "mean_value"  # the tiny model's default
+    assert bar["gain_over_input_db"] == pytest.approx(per["mean_value"]["psnr_rgb"] - per["input"]["psnr_rgb"], abs=1e-3)
+    assert bar["swinir_gain_db"] == pytest.approx(per["swinir"]["psnr_rgb"] - per["input"]["psnr_rgb"], abs=1e-3)
+    assert "Bar: default pipeline (mean_value) - input = " in md
     paths = ev.write_outputs(report, outputs, tmp_path / "out", figure=tmp_path / "fig" / "grid.png")
     data = json.loads(paths["json"].read_text())
     assert data["mean"]["input"]["psnr_rgb"] == pytest.approx(expected, abs=1e-3)
@@ -96,3 +100,29 @@ def test_flowie_eval_cli_records_the_results_in_the_model_card(tiny_model_dir, c
     assert card["metrics"]["images"] == ["one"]
     assert set(card["metrics"]["mean"]) == {"input", "swinir", "mean_value", "euler", "one_step"}
     assert main(["eval", "--model", str(model), "--images", str(clean_folder), "--degradation", "nope"]) == 2
+
+
+def _report(per_image: dict[str, dict[str, float]], sampler: str = "one_step") -> ev.EvalReport:
+    report = ev.EvalReport(model="m", degradation={}, methods=ev.default_methods(),
+                           settings={"defaults": {"sampler": sampler}})
+    for name, psnrs in per_image.items():
+        report.per_image[name] = {m: {"psnr_rgb": v, "ssim_rgb": 0.5, "psnr_y": v, "ssim_y": 0.5} for m, v in psnrs.items()}
+    return report
+
+
+def _row(inp, swinir, one_step, mean_value=0.0, euler=0.0):
+    return {"input": inp, "swinir": swinir, "one_step": one_step, "mean_value": mean_value, "euler": euler}
+
+
+def test_the_bar_is_the_default_sampler_and_swinir_over_bicubic():
+    # +0.42 / +0.2 (mean +0.31), SwinIR +0.92 / +0.7 (mean +0.81): just over the bar.
+    bar = _report({"a": _row(20.0, 20.92, 20.42), "b": _row(30.0, 30.7, 30.2)}).bar()
+    assert bar["default_sampler"] == "one_step" and bar["passed"] is True
+    got = (bar["gain_over_input_db"], bar["worst_image_gain_db"], bar["swinir_gain_db"])
+    assert got == pytest.approx((0.31, 0.2, 0.81), abs=1e-6)
+    # The mean is fine but one photo loses 0.4 dB.
+    assert _report({"a": _row(20.0, 21.0, 21.0), "b": _row(30.0, 30.8, 29.6)}).bar()["passed"] is False
+    # Only SwinIR falls short.
+    assert _report({"a": _row(20.0, 20.7, 20.5), "b": _row(30.0, 30.7, 30.5)}).bar()["passed"] is False
+    # Another default sampler is judged instead: mean-value here misses although one-step passes.
+    assert _report({"a": _row(20.0, 21.0, 21.0, mean_value=19.0)}, sampler="mean_value").bar()["passed"] is False
