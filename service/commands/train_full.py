@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if not args.init:
             raise ValueError("--arch full needs --init INIT_DIR (made by `flowie init`)")
-        if getattr(args, "minutes", None):
+        if args.minutes:
             raise ValueError("--minutes is for the demo and tiny architectures; with --arch full set --steps")
         cfg = FullConfig(init=args.init, images=args.images, out=args.out, steps=_one(args.steps, int, 1000, "steps"),
                          batch=_one(args.batch, int, 1, "batch"), accum=args.accum, crop=_one(args.crop, int, 512, "crop"),
